@@ -1,0 +1,167 @@
+"""Config and manifest building: exact structure, canonical bytes, stable digests."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nixery_trio.digest import sha256_digest
+from nixery_trio.errors import DigestInvalid
+from nixery_trio.image import Arch
+from nixery_trio.manifest import (
+    DOCKER_CONFIG,
+    DOCKER_LAYER_GZIP,
+    DOCKER_MANIFEST,
+    LayerBlob,
+    build_config,
+    build_manifest,
+    canonical_json,
+)
+
+LAYERS = (
+    LayerBlob(digest=sha256_digest(b"gz-1"), diff_id=sha256_digest(b"tar-1"), size=101),
+    LayerBlob(digest=sha256_digest(b"gz-2"), diff_id=sha256_digest(b"tar-2"), size=202),
+    LayerBlob(digest=sha256_digest(b"gz-3"), diff_id=sha256_digest(b"tar-3"), size=303),
+)
+
+
+def test_config_structure() -> None:
+    config = json.loads(build_config(arch=Arch.ARM64, layers=LAYERS, has_bash=True))
+    assert config == {
+        "architecture": "arm64",
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in LAYERS]},
+        "config": {
+            "Env": ["SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt", "PATH=/bin:/usr/bin"],
+            "Cmd": ["bash"],
+        },
+    }
+
+
+def test_config_without_bash_has_no_cmd() -> None:
+    config = json.loads(build_config(arch=Arch.AMD64, layers=LAYERS, has_bash=False))
+    assert config["architecture"] == "amd64"
+    assert "Cmd" not in config["config"]
+    assert config["config"]["Env"][0] == "SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt"
+
+
+def test_manifest_structure() -> None:
+    config = build_config(arch=Arch.AMD64, layers=LAYERS, has_bash=False)
+    config_digest = sha256_digest(config)
+    manifest = json.loads(
+        build_manifest(config_digest=config_digest, config_size=len(config), layers=LAYERS)
+    )
+    assert manifest == {
+        "schemaVersion": 2,
+        "mediaType": DOCKER_MANIFEST,
+        "config": {"mediaType": DOCKER_CONFIG, "size": len(config), "digest": config_digest},
+        "layers": [
+            {"mediaType": DOCKER_LAYER_GZIP, "size": 101, "digest": LAYERS[0].digest},
+            {"mediaType": DOCKER_LAYER_GZIP, "size": 202, "digest": LAYERS[1].digest},
+            {"mediaType": DOCKER_LAYER_GZIP, "size": 303, "digest": LAYERS[2].digest},
+        ],
+    }
+
+
+def test_golden_bytes_and_digests() -> None:
+    """Byte-for-byte: a change here changes every image digest we have ever served."""
+    config = build_config(arch=Arch.AMD64, layers=LAYERS[:1], has_bash=True)
+    assert config == (
+        b'{"architecture":"amd64","config":{"Cmd":["bash"],"Env":'
+        b'["SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt","PATH=/bin:/usr/bin"]},'
+        b'"os":"linux","rootfs":{"diff_ids":["' + LAYERS[0].diff_id.encode() + b'"],'
+        b'"type":"layers"}}'
+    )
+    manifest = build_manifest(
+        config_digest=sha256_digest(config), config_size=len(config), layers=LAYERS[:1]
+    )
+    assert manifest == (
+        b'{"config":{"digest":"' + sha256_digest(config).encode() + b'",'
+        b'"mediaType":"application/vnd.docker.container.image.v1+json","size":'
+        + str(len(config)).encode()
+        + b'},"layers":[{"digest":"'
+        + LAYERS[0].digest.encode()
+        + b'","mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","size":101}],'
+        b'"mediaType":"application/vnd.docker.distribution.manifest.v2+json","schemaVersion":2}'
+    )
+    assert sha256_digest(config) == (
+        "sha256:37a64e2c321917b170d0e17fb1786964848ecf72d6b0ddec80c5bc8c02e48738"
+    )
+    assert sha256_digest(manifest) == (
+        "sha256:33fae8e7ba2a0f243afddde07cdb24fa37dc7b7374e32cf90389ffa8c1a63d3d"
+    )
+
+
+def test_same_input_same_bytes() -> None:
+    first = build_config(arch=Arch.AMD64, layers=LAYERS, has_bash=True)
+    second = build_config(arch=Arch.AMD64, layers=list(LAYERS), has_bash=True)
+    assert first == second
+    assert build_manifest(config_digest=sha256_digest(first), config_size=1, layers=LAYERS) == (
+        build_manifest(config_digest=sha256_digest(second), config_size=1, layers=list(LAYERS))
+    )
+
+
+def test_layer_order_is_preserved_in_both_documents() -> None:
+    reordered = (LAYERS[2], LAYERS[0], LAYERS[1])
+    config = json.loads(build_config(arch=Arch.AMD64, layers=reordered, has_bash=False))
+    assert config["rootfs"]["diff_ids"] == [layer.diff_id for layer in reordered]
+    manifest = json.loads(
+        build_manifest(config_digest=LAYERS[0].digest, config_size=5, layers=reordered)
+    )
+    assert [entry["digest"] for entry in manifest["layers"]] == [
+        layer.digest for layer in reordered
+    ]
+
+
+digests = st.binary(max_size=8).map(sha256_digest)
+layer_blobs = st.builds(LayerBlob, digest=digests, diff_id=digests, size=st.integers(0, 2**40))
+
+
+@given(st.lists(layer_blobs, max_size=20), st.sampled_from(Arch), st.booleans())
+def test_json_round_trip(layers: list[LayerBlob], arch: Arch, has_bash: bool) -> None:
+    config = build_config(arch=arch, layers=layers, has_bash=has_bash)
+    decoded = json.loads(config)
+    assert canonical_json(decoded) == config
+    assert decoded["rootfs"]["diff_ids"] == [layer.diff_id for layer in layers]
+    assert ("Cmd" in decoded["config"]) is has_bash
+
+    manifest = build_manifest(
+        config_digest=sha256_digest(config), config_size=len(config), layers=layers
+    )
+    decoded_manifest = json.loads(manifest)
+    assert canonical_json(decoded_manifest) == manifest
+    assert [
+        LayerBlob(digest=entry["digest"], diff_id=layer.diff_id, size=entry["size"])
+        for entry, layer in zip(decoded_manifest["layers"], layers, strict=True)
+    ] == layers
+
+
+def test_bytes_are_ascii_and_compact() -> None:
+    config = build_config(arch=Arch.AMD64, layers=LAYERS, has_bash=True)
+    config.decode("ascii")
+    assert b" " not in config.replace(b"SSL_CERT_FILE", b"")
+    assert b"\n" not in config
+
+
+@pytest.mark.parametrize(
+    "field", [{"digest": "sha256:abc"}, {"diff_id": "md5:" + "0" * 32}, {"digest": "A" * 64}]
+)
+def test_layer_blob_rejects_bad_digests(field: dict[str, str]) -> None:
+    values: dict[str, str] = {"digest": LAYERS[0].digest, "diff_id": LAYERS[0].diff_id} | field
+    with pytest.raises(DigestInvalid):
+        LayerBlob(digest=values["digest"], diff_id=values["diff_id"], size=1)
+
+
+def test_negative_sizes_are_rejected() -> None:
+    with pytest.raises(ValueError, match="negative"):
+        LayerBlob(digest=LAYERS[0].digest, diff_id=LAYERS[0].diff_id, size=-1)
+    with pytest.raises(ValueError, match="negative"):
+        build_manifest(config_digest=LAYERS[0].digest, config_size=-1, layers=LAYERS)
+
+
+def test_manifest_rejects_bad_config_digest() -> None:
+    with pytest.raises(DigestInvalid):
+        build_manifest(config_digest="sha256:nope", config_size=1, layers=LAYERS)
