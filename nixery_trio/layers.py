@@ -18,7 +18,11 @@ Inputs
 
 * the closure graph from Nix (``exportReferencesGraph``): every store path
   with its references, NAR size and closure size;
-* the requested top-level paths (``roots``);
+* the requested top-level paths (``roots``).  The graph may hold more than
+  their closure (the shell adds helper paths such as ``/usr/bin/env``'s
+  link): every path that nothing refers to is treated as a root too, so the
+  layers always cover the whole graph and nothing it lists is left out of the
+  image;
 * popularity data (:mod:`nixery_trio.popularity`): how many packages in
   nixpkgs use a path, by the path's name;
 * a layer budget.
@@ -200,10 +204,12 @@ def group_layers(
     """Group the closure ``graph`` of ``roots`` into at most ``budget`` layers.
 
     See the module docstring for the algorithm.  Every path of ``graph``
-    ends up in exactly one layer.  Raise :class:`ValueError` if the budget is
-    below 1, or if the graph is not the closure of ``roots`` (a root or a
-    reference missing from it, a path no root reaches, a path listed twice
-    with different data, or a path that is not a store path).
+    ends up in exactly one layer; paths nothing refers to count as roots.
+    Raise :class:`ValueError` if the budget is below 1, or if the graph is
+    inconsistent: a root or a reference missing from it, a path listed twice
+    with different data, a path that is not a store path, or a reference
+    cycle that neither a root nor an unreferenced path leads into (which Nix
+    never produces).
     """
     if budget < 1:
         raise ValueError(f"the layer budget must be at least 1, got {budget}")
@@ -264,7 +270,6 @@ def _build_graph(
     # Sorted insertion keeps networkx's traversal order independent of Nix's
     # listing order; the dominator tree is unique anyway, this is belt and braces.
     graph.add_nodes_from(sorted(infos))
-    graph.add_edges_from((_ROOT, root) for root in sorted(set(roots)))
     for path in sorted(infos):
         for reference in sorted(set(infos[path].references)):
             if reference == path:
@@ -272,15 +277,18 @@ def _build_graph(
             if reference not in infos:
                 raise ValueError(f"{path} refers to {reference}, which is not in the closure graph")
             graph.add_edge(path, reference)
+    # Requested paths, and any path nothing refers to (else it would be in no layer).
+    unreferenced = (path for path in sorted(infos) if graph.in_degree(path) == 0)
+    graph.add_edges_from((_ROOT, root) for root in sorted({*roots, *unreferenced}))
 
-    # Checked before the extra edges below, which would otherwise make an
-    # unrelated popular path look like part of the image.
+    # Checked before the extra edges below, so that whether a graph is
+    # consistent does not depend on popularity data.
     unreachable = sorted(infos.keys() - nx.descendants(graph, _ROOT))
     if unreachable:
         shown = ", ".join(unreachable[:3]) + (", ..." if len(unreachable) > 3 else "")
         raise ValueError(
-            f"{len(unreachable)} paths in the closure graph are not reachable from the "
-            f"roots ({shown}); the graph must be the closure of the roots"
+            f"{len(unreachable)} paths in the closure graph are in reference cycles "
+            f"that no root reaches ({shown})"
         )
 
     graph.add_edges_from(

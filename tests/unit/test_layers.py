@@ -198,7 +198,15 @@ def test_budget_below_one_is_rejected(budget: int) -> None:
     [
         (EXAMPLE_GRAPH, [store_path("other-1")], "roots are not in the closure graph"),
         (EXAMPLE_GRAPH[:-1], EXAMPLE_ROOTS, "refers to .*llvm.*not in the closure graph"),
-        (EXAMPLE_GRAPH, (A, B, C), "3 paths .* not reachable"),
+        (
+            (
+                *EXAMPLE_GRAPH,
+                info(store_path("x-1"), [store_path("y-1")]),
+                info(store_path("y-1"), [store_path("x-1")]),
+            ),
+            EXAMPLE_ROOTS,
+            "2 paths .* in reference cycles that no root reaches",
+        ),
         ((*EXAMPLE_GRAPH, info(A, nar=3)), EXAMPLE_ROOTS, "listed twice"),
         ((info("/usr/bin/hello"),), ["/usr/bin/hello"], "not a Nix store path"),
         ((info(A, nar=-1),), [A], "negative size"),
@@ -211,12 +219,30 @@ def test_inconsistent_graphs_are_rejected(
         group_layers(graph, roots, EXAMPLE_POPULARITY, 4)
 
 
-def test_unreachable_popular_path_is_still_an_error() -> None:
-    # The root edge a popular path gets must not smuggle it into the image.
-    stray = store_path("glibc-2.38-27")
-    hello = store_path("hello-1")
-    with pytest.raises(ValueError, match="not reachable"):
-        group_layers([info(hello), info(stray)], [hello], {"glibc-2.38-27": 10**6})
+def test_unreferenced_paths_are_roots_too() -> None:
+    # The shell adds helper paths (the /usr/bin/env link) that no requested
+    # package refers to; they must still land in a layer.
+    env_link = store_path("usr-bin-env")
+    with_helper = group_layers([*EXAMPLE_GRAPH, info(env_link, nar=100)], EXAMPLE_ROOTS, {}, 10)
+    assert frozenset({env_link}) in as_sets(with_helper)
+    # A root list that omits unreferenced paths changes nothing.
+    assert group_layers(EXAMPLE_GRAPH, (A,), EXAMPLE_POPULARITY, 4) == example(4)
+    assert group_layers(EXAMPLE_GRAPH, (), EXAMPLE_POPULARITY, 4) == example(4)
+
+
+def test_requested_path_referenced_by_another_gets_its_own_layer() -> None:
+    # Requesting F explicitly puts an edge from the root to it, like popularity does.
+    layers = group_layers(EXAMPLE_GRAPH, (*EXAMPLE_ROOTS, F), {}, 10)
+    assert frozenset({F}) in as_sets(layers)
+    assert frozenset({F}) not in as_sets(group_layers(EXAMPLE_GRAPH, EXAMPLE_ROOTS, {}, 10))
+
+
+def test_unreached_cycle_is_an_error_even_when_popular() -> None:
+    x, y = store_path("openssl-3.0.12"), store_path("y-1")
+    graph = [*EXAMPLE_GRAPH, info(x, [y]), info(y, [x])]
+    popularity = {**EXAMPLE_POPULARITY, "openssl-3.0.12": 10**6}
+    with pytest.raises(ValueError, match="reference cycles"):
+        group_layers(graph, EXAMPLE_ROOTS, popularity, 4)
 
 
 def test_reference_cycles_do_not_break_grouping() -> None:
@@ -375,10 +401,13 @@ def test_merging_is_nixerys_fold_of_the_sorted_layers(
 @settings(max_examples=20)
 @given(st.integers(min_value=0, max_value=2**32))
 def test_large_random_closures_partition(seed: int) -> None:
-    graph, roots = random_closure(random.Random(seed), 300)
+    rng = random.Random(seed)
+    graph, roots = random_closure(rng, 300)
     layers = group_layers(graph, roots, {}, 30)
     assert len(layers) <= 30
     assert sorted(p for layer in layers for p in layer.contents) == sorted(i.path for i in graph)
+    # Unreferenced paths count as roots, so any subset of roots gives the same layers.
+    assert group_layers(graph, rng.sample(roots, rng.randint(0, len(roots))), {}, 30) == layers
 
 
 # ------------------------------------------------------------------ helpers
