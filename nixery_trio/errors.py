@@ -111,3 +111,10 @@ class StorageError(RegistryError):
 
 class ConfigError(Exception):
     """Invalid start-up configuration; never reaches an HTTP client."""
+
+
+class BadRequest(RegistryError):
+    """A request the HTTP layer could not accept (too large, malformed)."""
+
+    code = "BAD_REQUEST"
+    status = 400

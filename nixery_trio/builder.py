@@ -1,0 +1,250 @@
+"""The one orchestrator: from an image name to a stored manifest.
+
+For a manifest request by tag the builder
+
+1. parses the name into an :class:`~nixery_trio.image.Image`,
+2. asks the source for a cache key and, if there is one, looks up the
+   manifest cache (a hit serves with no Nix and no layer work),
+3. otherwise runs one Nix build (``nix.py``), groups the closure into
+   layers (``layers.py``), looks each layer up in the layer cache and writes
+   the missing ones at once (``archive.py``, in worker threads bounded by a
+   :class:`trio.CapacityLimiter`), then stores config and manifest in the
+   CAS and records the manifest in the cache.
+
+Builds run in a nursery owned by the server, not by the request: a client
+that disconnects does not cancel a build others wait for, and the result is
+cached either way.  Identical work is done once (:class:`SingleFlight`):
+concurrent requests for one image share one Nix build, and concurrent
+images sharing a layer write it once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Generic, TypeVar
+
+import trio
+
+from . import archive, logs, nix
+from .cache import LayerCache, ManifestCache
+from .cas import CAS
+from .config import Config
+from .errors import BuildFailed, ManifestUnknown
+from .image import Image, parse_image
+from .layers import group_layers
+from .manifest import DOCKER_MANIFEST, LayerBlob, build_config, build_manifest
+
+T = TypeVar("T")
+#: A deferred walk of a layer's files (run in the worker thread).
+Entries = Callable[[], Iterable[archive.Entry]]
+
+#: Manifests are small; anything bigger in the CAS is not one of ours.
+MANIFEST_LIMIT = 4 << 20
+
+
+@dataclass
+class _Flight(Generic[T]):
+    done: trio.Event = field(default_factory=trio.Event)
+    result: T | None = None
+    error: BaseException | None = None
+
+
+class SingleFlight(Generic[T]):
+    """Run one task per key at a time; every caller gets its outcome.
+
+    The task runs in ``nursery`` (long-lived), so cancelling a caller only
+    stops that caller's wait.
+    """
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self._flights: dict[str, _Flight[T]] = {}
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    async def do(self, key: str, work: Callable[[], Awaitable[T]]) -> T:
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = _Flight()
+            self._flights[key] = flight
+            self._nursery.start_soon(self._run, key, flight, work)
+        await flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        return flight.result  # type: ignore[return-value]
+
+    async def _run(self, key: str, flight: _Flight[T], work: Callable[[], Awaitable[T]]) -> None:
+        try:
+            flight.result = await work()
+        except Exception as exc:  # handed to every waiter, never lost
+            flight.error = exc
+        finally:
+            del self._flights[key]
+            flight.done.set()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A manifest as served: its bytes, digest and media type."""
+
+    data: bytes
+    digest: str
+    media_type: str
+
+
+class Builder:
+    """Turns image names into manifests whose blobs are all in the CAS."""
+
+    def __init__(
+        self,
+        config: Config,
+        cas: CAS,
+        popularity: dict[str, int],
+        nursery: trio.Nursery,
+    ) -> None:
+        self.config = config
+        self.cas = cas
+        self.layer_cache = LayerCache(config.storage_path, cas)
+        self.manifest_cache = ManifestCache(config.storage_path, cas)
+        self.popularity = popularity
+        self._images: SingleFlight[str] = SingleFlight(nursery)
+        self._layers: SingleFlight[LayerBlob] = SingleFlight(nursery)
+        self._threads = trio.CapacityLimiter(config.build_threads)
+
+    def open(self) -> None:
+        """Create the store's layout and clear crash leftovers (blocking)."""
+        removed = self.cas.open_store()
+        self.layer_cache.index.open_index()
+        self.manifest_cache.index.open_index()
+        if removed:
+            logs.warning("storage.leftovers_removed", count=removed)
+
+    def parse(self, name: str, tag: str) -> Image:
+        return parse_image(name, tag, max_packages=self.config.max_packages)
+
+    async def manifest_for_tag(self, name: str, tag: str) -> Manifest:
+        """The manifest of ``name:tag``, building the image when needed."""
+        image = self.parse(name, tag)
+        source_key = await trio.to_thread.run_sync(self.config.source.cache_key, tag)
+        image_key = (
+            json.dumps([source_key, image.arch.nix_system, list(image.packages)])
+            if source_key is not None
+            else None
+        )
+        if image_key is not None:
+            digest = await trio.to_thread.run_sync(self.manifest_cache.get, image_key)
+            if digest is not None:
+                manifest = await self._read_manifest(digest)
+                if manifest is not None:
+                    logs.info("manifest.cached", image=name, tag=tag, digest=digest)
+                    return manifest
+        flight_key = image_key or json.dumps(
+            [self.config.source.render(tag), image.arch.nix_system, list(image.packages)]
+        )
+        digest = await self._images.do(flight_key, partial(self._build_image, image, image_key))
+        manifest = await self._read_manifest(digest)
+        if manifest is None:
+            raise BuildFailed(f"manifest {digest} vanished from the store after its build")
+        return manifest
+
+    async def manifest_for_digest(self, digest: str) -> Manifest:
+        """A stored manifest by digest, or ManifestUnknown."""
+        manifest = await self._read_manifest(digest)
+        if manifest is None:
+            raise ManifestUnknown(f"manifest {digest} is not known to this registry")
+        return manifest
+
+    async def _read_manifest(self, digest: str) -> Manifest | None:
+        data = await trio.to_thread.run_sync(self.cas.read_bytes, digest, MANIFEST_LIMIT)
+        if data is None:
+            return None
+        try:
+            media_type = json.loads(data).get("mediaType")
+        except (ValueError, AttributeError):
+            return None
+        if media_type != DOCKER_MANIFEST:
+            return None
+        return Manifest(data=data, digest=digest, media_type=media_type)
+
+    async def _build_image(self, image: Image, image_key: str | None) -> str:
+        started = time.monotonic()
+        result = await nix.prepare_image(
+            nix_dir=self.config.nix_dir,
+            source=self.config.source,
+            image=image,
+            timeout=self.config.nix_timeout,
+        )
+        nix_done = time.monotonic()
+        layers = group_layers(
+            result.graph, result.roots, self.popularity, budget=self.config.layer_budget
+        )
+        layered = time.monotonic()
+        jobs: list[tuple[str, Entries]] = [
+            (layer.key, partial(archive.store_path_entries, layer.contents)) for layer in layers
+        ]
+        jobs.append(("forest:" + result.forest, partial(archive.forest_entries, result.forest)))
+        blobs: list[LayerBlob | None] = [None] * len(jobs)
+
+        async def fetch(index: int, key: str, entries: Entries) -> None:
+            blobs[index] = await self._layer(image, key, entries)
+
+        async with trio.open_nursery() as nursery:
+            for index, (key, entries) in enumerate(jobs):
+                nursery.start_soon(fetch, index, key, entries)
+        written = time.monotonic()
+        layer_blobs = [blob for blob in blobs if blob is not None]
+        config_bytes = build_config(arch=image.arch, layers=layer_blobs, has_bash=image.has_bash)
+        config_digest = await trio.to_thread.run_sync(self.cas.put_bytes, config_bytes)
+        manifest_bytes = build_manifest(
+            config_digest=config_digest, config_size=len(config_bytes), layers=layer_blobs
+        )
+        digest = await trio.to_thread.run_sync(self.cas.put_bytes, manifest_bytes)
+        if image_key is not None:
+            await trio.to_thread.run_sync(self.manifest_cache.put, image_key, digest)
+        done = time.monotonic()
+        logs.info(
+            "image.built",
+            image=image.name,
+            tag=image.tag,
+            digest=digest,
+            layers=len(layer_blobs),
+            nix_seconds=round(nix_done - started, 3),
+            layering_seconds=round(layered - nix_done, 3),
+            layer_seconds=round(written - layered, 3),
+            rest_seconds=round(done - written, 3),
+        )
+        return digest
+
+    async def _layer(self, image: Image, key: str, entries: Entries) -> LayerBlob:
+        cached = await trio.to_thread.run_sync(self.layer_cache.get, key)
+        if cached is not None:
+            return cached
+        return await self._layers.do(key, partial(self._write_layer, image, key, entries))
+
+    async def _write_layer(self, image: Image, key: str, entries: Entries) -> LayerBlob:
+        started = time.monotonic()
+        blob = await trio.to_thread.run_sync(
+            self._write_layer_sync, key, entries, limiter=self._threads
+        )
+        logs.info(
+            "layer.built",
+            image=image.name,
+            layer=key,
+            digest=blob.digest,
+            size=blob.size,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return blob
+
+    def _write_layer_sync(self, key: str, entries: Entries) -> LayerBlob:
+        cached = self.layer_cache.get(key)  # another process may have written it
+        if cached is not None:
+            return cached
+        blob = archive.write_layer(self.cas, entries(), self.config.gzip_level)
+        self.layer_cache.put(key, blob)
+        return blob

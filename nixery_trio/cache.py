@@ -1,0 +1,141 @@
+"""Layer and manifest caches: msgpack records on disk that point into the CAS.
+
+Each cache is a directory of small records, one per key, named by a blake3
+of the key::
+
+    index/layers/<blake3(layer key)>       {digest, diff_id, size}
+    index/manifests/<blake3(image key)>    {digest}
+
+A record is ``blake3(payload) || payload`` with ``payload`` a msgpack map
+that repeats its own key.  It is written to a temporary file, fsynced and
+renamed, so a reader sees a whole record or none; a record whose checksum or
+key does not match (a torn or foreign write) is ignored and removed.  A
+record is only trusted while the blobs it names are in the CAS with the
+right size, so a cache never hands out a blob that is not there.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import blake3
+import msgpack
+
+from .cas import CAS
+from .manifest import LayerBlob
+
+_CHECKSUM = 32
+
+
+class RecordIndex:
+    """Checksummed msgpack records in one directory, keyed by strings."""
+
+    def __init__(self, directory: Path, tmp_dir: Path) -> None:
+        self.directory = directory
+        self.tmp_dir = tmp_dir
+
+    def open_index(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.directory / blake3.blake3(key.encode()).hexdigest()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        path = self._path(key)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        record = decode_record(raw)
+        if record is None or record.get("key") != key:
+            path.unlink(missing_ok=True)
+            return None
+        return record
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        payload = msgpack.packb({**value, "key": key}, use_bin_type=True)
+        data = blake3.blake3(payload).digest() + payload
+        tmp = self.tmp_dir / f"{secrets.token_hex(12)}.rec"
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, self._path(key))
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+def decode_record(raw: bytes) -> dict[str, Any] | None:
+    """The record's map, or ``None`` if the bytes are torn or not ours."""
+    checksum, payload = raw[:_CHECKSUM], raw[_CHECKSUM:]
+    if len(checksum) != _CHECKSUM or blake3.blake3(payload).digest() != checksum:
+        return None
+    try:
+        record = msgpack.unpackb(payload, raw=False)
+    except Exception:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+class LayerCache:
+    """Layer key (blake3 of its store paths) to the layer's blob."""
+
+    def __init__(self, root: Path, cas: CAS) -> None:
+        self.index = RecordIndex(root / "index" / "layers", cas.tmp_dir)
+        self.cas = cas
+
+    def get(self, layer_key: str) -> LayerBlob | None:
+        record = self.index.get(layer_key)
+        if record is None:
+            return None
+        try:
+            blob = LayerBlob(
+                digest=str(record["digest"]),
+                diff_id=str(record["diff_id"]),
+                size=int(record["size"]),
+            )
+            present = self.cas.size(blob.digest) == blob.size
+        except Exception:  # malformed record or digest: not trusted
+            present = False
+        if not present:
+            self.index.delete(layer_key)
+            return None
+        return blob
+
+    def put(self, layer_key: str, blob: LayerBlob) -> None:
+        self.index.put(
+            layer_key, {"digest": blob.digest, "diff_id": blob.diff_id, "size": blob.size}
+        )
+
+
+class ManifestCache:
+    """Image key (source cache key, arch, packages) to its manifest digest."""
+
+    def __init__(self, root: Path, cas: CAS) -> None:
+        self.index = RecordIndex(root / "index" / "manifests", cas.tmp_dir)
+        self.cas = cas
+
+    def get(self, image_key: str) -> str | None:
+        record = self.index.get(image_key)
+        if record is None:
+            return None
+        digest = record.get("digest")
+        try:
+            present = isinstance(digest, str) and self.cas.size(digest) is not None
+        except Exception:
+            present = False
+        if not present:
+            self.index.delete(image_key)
+            return None
+        assert isinstance(digest, str)
+        return digest
+
+    def put(self, image_key: str, digest: str) -> None:
+        self.index.put(image_key, {"digest": digest})

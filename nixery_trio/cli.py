@@ -1,0 +1,115 @@
+"""The command line: ``nixery-trio serve`` and friends.
+
+Every flag of ``serve`` also reads a Nixery-compatible environment variable
+(see :data:`nixery_trio.config.SETTINGS`); the values are validated once into
+a :class:`~nixery_trio.config.Config` and passed down explicitly.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import click
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from . import logs
+from .builder import Builder
+from .cas import CAS
+from .config import SETTINGS, Config, make_config
+from .errors import ConfigError
+from .popularity import parse_popularity
+from .registry import create_app
+from .version import source_version
+
+
+def load_popularity(url: str | None) -> dict[str, int]:
+    """Popularity data from an http(s) URL or a local file; empty if none."""
+    if url is None:
+        return {}
+    try:
+        if url.startswith(("http://", "https://")):
+            with urllib.request.urlopen(url, timeout=60) as response:
+                data = response.read()
+        else:
+            with open(url.removeprefix("file://"), "rb") as f:
+                data = f.read()
+        return parse_popularity(data)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load popularity data from {url}: {exc}") from exc
+
+
+def hypercorn_config(config: Config) -> hypercorn.config.Config:
+    hc = hypercorn.config.Config()
+    hc.bind = [
+        f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
+    ]
+    hc.accesslog = None
+    hc.errorlog = None
+    hc.include_server_header = False
+    hc.keep_alive_timeout = 75
+    hc.h11_max_incomplete_size = 64 * 1024
+    return hc
+
+
+async def run_server(
+    config: Config,
+    popularity: dict[str, int],
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the registry until cancelled; report the bound addresses."""
+    async with trio.open_nursery() as nursery:
+        builder = Builder(config, CAS(config.storage_path), popularity, nursery)
+        await trio.to_thread.run_sync(builder.open)
+        app = create_app(builder)
+        binds: list[str] = await nursery.start(hypercorn.trio.serve, app, hypercorn_config(config))
+        logs.info(
+            "server.started",
+            listen=binds,
+            version=source_version(config.nix_dir),
+            source=config.source.describe(),
+            storage=str(config.storage_path),
+        )
+        task_status.started(binds)
+
+
+def _settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for setting in reversed(SETTINGS):
+        default = f" [env {setting.env}" + (
+            f"; default {setting.default}]" if setting.default else "]"
+        )
+        command = click.option(
+            setting.flag, envvar=setting.env, help=setting.help + default, show_envvar=False
+        )(command)
+    return command
+
+
+@click.group()
+@click.version_option(version=source_version(), prog_name="nixery-trio")
+def main() -> None:
+    """nixery-trio: a container registry that builds images on demand with Nix."""
+
+
+@main.command()
+@_settings_options
+def serve(**raw: str | None) -> None:
+    """Serve the registry."""
+    logs.setup()
+    try:
+        config = make_config(raw)
+        popularity = load_popularity(config.popularity_url)
+    except ConfigError as exc:
+        logs.error("config.invalid", message=str(exc))
+        raise click.ClickException(str(exc)) from exc
+    try:
+        trio.run(run_server, config, popularity)
+    except KeyboardInterrupt:
+        logs.info("server.stopped")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The one typed configuration object, read once at start-up.
+
+Every setting has a Nixery-compatible environment variable and a command
+line flag (``cli.py`` declares both from :data:`SETTINGS`); ``make_config``
+turns the raw strings into a validated :class:`Config` or raises
+:class:`ConfigError` with a message an operator can act on.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+from .sources import ChannelSource, GitSource, PathSource, Source
+
+#: The ``nix/`` directory of this checkout (prepare-image.nix, demo set).
+DEFAULT_NIX_DIR = Path(__file__).resolve().parent.parent / "nix"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the server needs, validated."""
+
+    host: str
+    port: int
+    source: Source
+    storage_path: Path
+    nix_timeout: float
+    popularity_url: str | None
+    nix_dir: Path
+    layer_budget: int
+    max_packages: int
+    gzip_level: int
+    build_threads: int
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A configuration knob: its flag, environment variable and help."""
+
+    flag: str
+    env: str
+    help: str
+    default: str | None = None
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("--listen", "NIXERY_LISTEN", "HOST:PORT to listen on (default 127.0.0.1:8080)."),
+    Setting("--port", "PORT", "Port to listen on all interfaces, as in Nixery."),
+    Setting("--channel", "NIXERY_CHANNEL", "nixpkgs channel name or commit (tarball)."),
+    Setting("--pkgs-repo", "NIXERY_PKGS_REPO", "Git URL of the package set; tag = git ref."),
+    Setting("--pkgs-path", "NIXERY_PKGS_PATH", "Local directory holding the package set."),
+    Setting(
+        "--storage-backend",
+        "NIXERY_STORAGE_BACKEND",
+        "Storage backend; only 'filesystem'.",
+        "filesystem",
+    ),
+    Setting("--storage-path", "STORAGE_PATH", "Directory of the blob store and caches."),
+    Setting("--nix-timeout", "NIX_TIMEOUT", "Seconds a Nix build may take.", "60"),
+    Setting("--popularity-url", "NIX_POPULARITY_URL", "Popularity data: http(s) URL or file."),
+    Setting("--nix-dir", "NIXERY_NIX_DIR", "Directory holding prepare-image.nix."),
+    Setting("--layer-budget", "NIXERY_LAYER_BUDGET", "Maximum layers per image.", "94"),
+    Setting("--max-packages", "NIXERY_MAX_PACKAGES", "Maximum packages per image.", "64"),
+    Setting("--gzip-level", "NIXERY_GZIP_LEVEL", "ISA-L deflate level, 0 to 3.", "1"),
+    Setting("--build-threads", "NIXERY_BUILD_THREADS", "Threads writing layers (0: cores).", "0"),
+)
+
+
+def _int(name: str, raw: str | None, lo: int, hi: int) -> int:
+    try:
+        value = int(raw or "")
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _listen(listen: str | None, port: str | None) -> tuple[str, int]:
+    if listen:
+        host, sep, port_text = listen.rpartition(":")
+        if not sep or not host:
+            raise ConfigError(f"--listen must be HOST:PORT, got {listen!r}")
+        return host.strip("[]"), _int("--listen port", port_text, 0, 65535)
+    if port:
+        return "0.0.0.0", _int("PORT", port, 0, 65535)
+    return "127.0.0.1", 8080
+
+
+def _source(channel: str | None, repo: str | None, path: str | None) -> Source:
+    given = [
+        name
+        for name, value in (
+            ("NIXERY_CHANNEL", channel),
+            ("NIXERY_PKGS_REPO", repo),
+            ("NIXERY_PKGS_PATH", path),
+        )
+        if value
+    ]
+    if len(given) != 1:
+        raise ConfigError(
+            "exactly one package source must be set (NIXERY_CHANNEL, NIXERY_PKGS_REPO or "
+            f"NIXERY_PKGS_PATH); got {', '.join(given) if given else 'none'}"
+        )
+    if channel:
+        return ChannelSource(channel)
+    if repo:
+        return GitSource(repo)
+    assert path is not None
+    resolved = Path(path).resolve()
+    if not resolved.is_dir():
+        raise ConfigError(f"NIXERY_PKGS_PATH {path!r} is not a directory")
+    return PathSource(resolved)
+
+
+def make_config(raw: dict[str, str | None]) -> Config:
+    """Validate raw settings (keyed by flag name without dashes, ``_`` for ``-``)."""
+    host, port = _listen(raw.get("listen"), raw.get("port"))
+    backend = raw.get("storage_backend") or "filesystem"
+    if backend != "filesystem":
+        raise ConfigError(f"NIXERY_STORAGE_BACKEND {backend!r} is not supported; use filesystem")
+    storage = raw.get("storage_path")
+    if not storage:
+        raise ConfigError("STORAGE_PATH (--storage-path) must be set for the filesystem backend")
+    try:
+        timeout = float(raw.get("nix_timeout") or "60")
+    except ValueError:
+        raise ConfigError(f"NIX_TIMEOUT must be a number, got {raw.get('nix_timeout')!r}") from None
+    if timeout <= 0:
+        raise ConfigError("NIX_TIMEOUT must be positive")
+    nix_dir = Path(raw.get("nix_dir") or DEFAULT_NIX_DIR).resolve()
+    if not (nix_dir / "prepare-image.nix").is_file():
+        raise ConfigError(f"{nix_dir}/prepare-image.nix not found (set NIXERY_NIX_DIR)")
+    threads = _int("NIXERY_BUILD_THREADS", raw.get("build_threads") or "0", 0, 256)
+    return Config(
+        host=host,
+        port=port,
+        source=_source(raw.get("channel"), raw.get("pkgs_repo"), raw.get("pkgs_path")),
+        storage_path=Path(storage).resolve(),
+        nix_timeout=timeout,
+        popularity_url=raw.get("popularity_url") or None,
+        nix_dir=nix_dir,
+        layer_budget=_int("NIXERY_LAYER_BUDGET", raw.get("layer_budget") or "94", 1, 124),
+        max_packages=_int("NIXERY_MAX_PACKAGES", raw.get("max_packages") or "64", 1, 1000),
+        gzip_level=_int("NIXERY_GZIP_LEVEL", raw.get("gzip_level") or "1", 0, 3),
+        build_threads=threads or (os.cpu_count() or 1),
+    )

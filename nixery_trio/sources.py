@@ -1,0 +1,156 @@
+"""Package sources: where the Nix package set comes from, and when to cache.
+
+As in Nixery, every source answers two questions: how to describe itself to
+``nix/prepare-image.nix`` for a given image tag (``render``), and whether the
+result of a build is immutable enough to cache (``cache_key``, or ``None``).
+
+- A **channel** (a nixpkgs branch name or commit) is keyed by its name, as
+  Nixery does: channel tarballs are treated as pinned.
+- A **git** repository uses the image tag as the git ref: a 40-hex tag is a
+  commit (immutable, so cached), ``latest`` is the default branch, anything
+  else is a branch or tag name (mutable, never cached).
+- A local **path** is keyed by a blake3 hash over its files (beyond Nixery,
+  which never caches path builds), so builds are cached until a file changes.
+  Hashing skips files whose size, mtime and inode did not change since the
+  last look (unless changed in the last two seconds), so a re-check of a
+  large tree is one ``stat`` per file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import blake3
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_RACY_NS = 2_000_000_000
+
+
+class Source(Protocol):
+    """One package source, as Nixery's two-method interface."""
+
+    @property
+    def src_type(self) -> str:
+        """``channel``, ``git`` or ``path``: the ``srcType`` argument of Nix."""
+        ...
+
+    def render(self, tag: str) -> dict[str, Any]:
+        """The JSON ``srcArgs`` telling Nix which package set to load."""
+        ...
+
+    def cache_key(self, tag: str) -> str | None:
+        """A key naming the exact package set, or ``None`` if it may change.
+
+        May do blocking I/O (hashing files): call it from a worker thread.
+        """
+        ...
+
+    def describe(self) -> str:
+        """A short human description for logs."""
+        ...
+
+
+@dataclass(frozen=True)
+class ChannelSource:
+    """A nixpkgs channel or commit, fetched as a tarball by Nix."""
+
+    name: str
+    src_type: str = "channel"
+
+    def render(self, tag: str) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def cache_key(self, tag: str) -> str | None:
+        return f"channel:{self.name}"
+
+    def describe(self) -> str:
+        return f"nixpkgs channel {self.name}"
+
+
+@dataclass(frozen=True)
+class GitSource:
+    """A git repository; the image tag picks the ref."""
+
+    url: str
+    src_type: str = "git"
+
+    def render(self, tag: str) -> dict[str, Any]:
+        if _COMMIT.fullmatch(tag):
+            return {"url": self.url, "ref": None, "rev": tag}
+        if tag == "latest":
+            return {"url": self.url, "ref": None, "rev": None}
+        return {"url": self.url, "ref": tag, "rev": None}
+
+    def cache_key(self, tag: str) -> str | None:
+        if _COMMIT.fullmatch(tag):
+            return f"git:{self.url}@{tag}"
+        return None
+
+    def describe(self) -> str:
+        return f"git repository {self.url}"
+
+
+@dataclass
+class PathSource:
+    """A package set in a local directory, keyed by a hash of its files."""
+
+    path: Path
+    src_type: str = "path"
+    _memo: dict[str, tuple[tuple[int, int, int], bytes]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def render(self, tag: str) -> dict[str, Any]:
+        return {"path": str(self.path)}
+
+    def cache_key(self, tag: str) -> str | None:
+        with self._lock:
+            return "path:" + self._tree_hash()
+
+    def describe(self) -> str:
+        return f"local package set {self.path}"
+
+    def _tree_hash(self) -> str:
+        tree = blake3.blake3()
+        seen: dict[str, tuple[tuple[int, int, int], bytes]] = {}
+        # A file changed within the clock's granularity of now may change
+        # again with the same size and mtime: never trust its memo (as git
+        # does with "racily clean" entries).
+        racy_before = time.time_ns() - _RACY_NS
+        for dirpath, dirnames, filenames in os.walk(self.path):
+            dirnames[:] = sorted(d for d in dirnames if d != ".git")
+            for name in sorted(filenames):
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, self.path)
+                st = os.lstat(full)
+                if stat.S_ISLNK(st.st_mode):
+                    digest = b"L" + os.readlink(full).encode()
+                elif stat.S_ISREG(st.st_mode):
+                    identity = (st.st_size, st.st_mtime_ns, st.st_ino)
+                    memo = self._memo.get(rel)
+                    if memo is not None and memo[0] == identity:
+                        digest = memo[1]
+                    else:
+                        digest = _file_hash(full)
+                    if st.st_mtime_ns < racy_before:
+                        seen[rel] = (identity, digest)
+                    digest = (b"X" if st.st_mode & 0o111 else b"F") + digest
+                else:
+                    continue
+                tree.update(rel.encode() + b"\0" + digest + b"\0")
+        self._memo = seen
+        return tree.hexdigest()
+
+
+def _file_hash(path: str) -> bytes:
+    hasher = blake3.blake3()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            hasher.update(chunk)
+    return hasher.digest()

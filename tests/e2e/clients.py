@@ -1,0 +1,149 @@
+"""Real container clients driven by the end-to-end tests.
+
+skopeo, umoci, containerd's ctr and podman, each with its state under a
+temporary directory, talking plain HTTP to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .server import wait_for
+
+
+def run(
+    argv: Sequence[str], timeout: float = 300, check: bool = True, **kwargs: object
+) -> subprocess.CompletedProcess[str]:
+    """Run a command, failing the test with its output if it fails."""
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, **kwargs)  # type: ignore[call-overload]
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(argv)} exited {proc.returncode}\nstdout:\n{proc.stdout}\n"
+            f"stderr:\n{proc.stderr}"
+        )
+    return proc
+
+
+def skopeo_copy(host: str, ref: str, oci_dir: Path, tag: str = "image") -> None:
+    """Copy ``host/ref`` into an OCI layout, verifying every blob digest."""
+    run(
+        [
+            "skopeo",
+            "--insecure-policy",
+            "copy",
+            "--src-tls-verify=false",
+            f"docker://{host}/{ref}",
+            f"oci:{oci_dir}:{tag}",
+        ]
+    )
+
+
+def skopeo_inspect(host: str, ref: str, raw: bool = False, config: bool = False) -> dict:
+    argv = ["skopeo", "inspect", "--tls-verify=false"]
+    if raw:
+        argv.append("--raw")
+    if config:
+        argv.append("--config")
+    return json.loads(run([*argv, f"docker://{host}/{ref}"]).stdout)
+
+
+def umoci_unpack(oci_dir: Path, bundle: Path, tag: str = "image") -> Path:
+    """Unpack an OCI image (umoci checks diff_ids and sizes); return the rootfs."""
+    run(["umoci", "unpack", "--image", f"{oci_dir}:{tag}", str(bundle)])
+    return bundle / "rootfs"
+
+
+def chroot(rootfs: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    return run(
+        ["/usr/sbin/chroot", str(rootfs), *argv],
+        timeout=60,
+        env={"PATH": "/bin:/usr/bin", "HOME": "/"},
+    )
+
+
+@dataclass
+class Containerd:
+    """A private containerd: own root, state and socket, no CRI plugin."""
+
+    process: subprocess.Popen[bytes]
+    address: str
+    workdir: Path
+
+    def ctr(
+        self, *argv: str, timeout: float = 300, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        return run(
+            ["ctr", "--address", self.address, "--namespace", "nixery-test", *argv],
+            timeout=timeout,
+            check=check,
+        )
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def start_containerd(workdir: Path) -> Containerd:
+    workdir.mkdir(parents=True, exist_ok=True)
+    address = str(workdir / "containerd.sock")
+    config = workdir / "config.toml"
+    config.write_text(
+        "version = 2\n"
+        f'root = "{workdir / "root"}"\n'
+        f'state = "{workdir / "state"}"\n'
+        'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+        "[grpc]\n"
+        f'  address = "{address}"\n'
+        "[ttrpc]\n"
+        f'  address = "{address}.ttrpc"\n'
+        "[debug]\n"
+        f'  address = "{address}.debug"\n'
+        "[metrics]\n"
+        '  address = ""\n'
+    )
+    log = open(workdir / "containerd.log", "wb")  # noqa: SIM115 - lives with the process
+    process = subprocess.Popen(["containerd", "--config", str(config)], stdout=log, stderr=log)
+    daemon = Containerd(process, address, workdir)
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError((workdir / "containerd.log").read_text())
+        return Path(address).exists() and daemon.ctr("version", check=False).returncode == 0
+
+    wait_for(ready, 60, "containerd to start", interval=0.2)
+    return daemon
+
+
+def podman(
+    workdir: Path, *argv: str, timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """podman with private storage (vfs) and cgroupfs, no system config."""
+    return run(
+        [
+            "podman",
+            "--root",
+            str(workdir / "root"),
+            "--runroot",
+            str(workdir / "run"),
+            "--storage-driver",
+            "vfs",
+            "--cgroup-manager",
+            "cgroupfs",
+            "--events-backend",
+            "none",
+            *argv,
+        ],
+        timeout=timeout,
+        check=check,
+    )

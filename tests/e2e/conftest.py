@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .clients import Containerd, start_containerd
+from .server import Server, start_server
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One registry serving the demo package set for the whole session."""
+    running = start_server(tmp_path_factory.mktemp("registry"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
+    # A short path: the socket path must fit in sun_path (108 bytes).
+    workdir = Path(tmp_path_factory.mktemp("ctrd"))
+    daemon = start_containerd(workdir)
+    yield daemon
+    daemon.stop()

@@ -1,0 +1,104 @@
+"""Start and stop a real nixery-trio server for end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "nix" / "demo"
+OFFLINE_NIX = "substituters ="
+
+
+def nix_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["NIX_CONFIG"] = OFFLINE_NIX
+    return env
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    storage: Path
+    host: str
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The server's JSON log lines so far, optionally of one event."""
+        entries = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if name is None or entry.get("message") == name:
+                entries.append(entry)
+        return entries
+
+    def count(self, name: str) -> int:
+        return len(self.events(name))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def start_server(
+    workdir: Path,
+    source: Sequence[str] = ("--pkgs-path", str(DEMO)),
+    extra: Sequence[str] = (),
+    storage: Path | None = None,
+) -> Server:
+    """Start ``nixery-trio serve`` on a free port of 127.0.0.1."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    storage = storage or workdir / "store"
+    log_path = workdir / f"server-{time.monotonic_ns()}.log"
+    argv = [
+        sys.executable, "-m", "nixery_trio", "serve",
+        "--listen", "127.0.0.1:0",
+        "--storage-path", str(storage),
+        "--popularity-url", str(DEMO / "popularity.json"),
+        *source, *extra,
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=log, env=nix_env(), cwd=REPO)
+    server = Server(process, log_path, storage, "")
+
+    def started() -> str | None:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{log_path.read_text()}")
+        for entry in server.events("server.started"):
+            return str(entry["listen"][0]).removeprefix("http://")
+        return None
+
+    server.host = wait_for(started, 60, "the server to start")
+    return server

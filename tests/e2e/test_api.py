@@ -1,0 +1,198 @@
+"""The registry API over real HTTP, against a server building with real Nix."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+
+import httpx
+import pytest
+
+from .server import Server
+
+MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+def get(server: Server, path: str, method: str = "GET", **kwargs: object) -> httpx.Response:
+    return httpx.request(method, server.url + path, timeout=120, **kwargs)  # type: ignore[arg-type]
+
+
+def raw_get(server: Server, path: str, method: str = "GET") -> httpx.Response:
+    """A request with the path sent byte for byte (httpx would normalise it)."""
+    host, port = server.host.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=120)
+    try:
+        connection.request(method, path)
+        reply = connection.getresponse()
+        return httpx.Response(reply.status, headers=reply.getheaders(), content=reply.read())
+    finally:
+        connection.close()
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    errors = response.json()["errors"]
+    assert len(errors) == 1
+    assert errors[0]["code"] == code
+    assert errors[0]["message"]
+    return errors[0]
+
+
+def test_version_check(server: Server) -> None:
+    response = get(server, "/v2/")
+    assert response.status_code == 200
+    assert response.headers["docker-distribution-api-version"] == "registry/2.0"
+
+
+def test_manifest_config_and_blobs(server: Server) -> None:
+    response = get(server, "/v2/hello/manifests/latest")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == MANIFEST
+    digest = "sha256:" + hashlib.sha256(response.content).hexdigest()
+    assert response.headers["docker-content-digest"] == digest
+    manifest = response.json()
+    assert manifest["mediaType"] == MANIFEST and manifest["schemaVersion"] == 2
+
+    head = get(server, "/v2/hello/manifests/latest", "HEAD")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["docker-content-digest"] == digest
+    assert int(head.headers["content-length"]) == len(response.content)
+
+    by_digest = get(server, f"/v2/hello/manifests/{digest}")
+    assert by_digest.content == response.content
+
+    config = get(server, f"/v2/hello/blobs/{manifest['config']['digest']}").json()
+    assert config["architecture"] == "amd64" and config["os"] == "linux"
+    assert len(config["rootfs"]["diff_ids"]) == len(manifest["layers"])
+    assert "SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt" in config["config"]["Env"]
+    assert "Cmd" not in config["config"]
+
+    for layer in manifest["layers"]:
+        blob = get(server, f"/v2/hello/blobs/{layer['digest']}")
+        assert blob.status_code == 200
+        assert len(blob.content) == layer["size"]
+        assert "sha256:" + hashlib.sha256(blob.content).hexdigest() == layer["digest"]
+        assert blob.headers["docker-content-digest"] == layer["digest"]
+        head = get(server, f"/v2/hello/blobs/{layer['digest']}", "HEAD")
+        assert head.status_code == 200 and head.content == b""
+        assert int(head.headers["content-length"]) == layer["size"]
+
+
+def test_tags_list(server: Server) -> None:
+    assert get(server, "/v2/shell/hello/tags/list").json() == {
+        "name": "shell/hello",
+        "tags": ["latest"],
+    }
+
+
+def test_range_requests(server: Server) -> None:
+    manifest = get(server, "/v2/hello/manifests/latest").json()
+    layer = max(manifest["layers"], key=lambda entry: entry["size"])
+    path = f"/v2/hello/blobs/{layer['digest']}"
+    whole = get(server, path).content
+    part = get(server, path, headers={"Range": "bytes=10-99"})
+    assert part.status_code == 206
+    assert part.content == whole[10:100]
+    assert part.headers["content-range"] == f"bytes 10-99/{len(whole)}"
+    tail = get(server, path, headers={"Range": "bytes=-7"})
+    assert tail.status_code == 206 and tail.content == whole[-7:]
+    past = get(server, path, headers={"Range": f"bytes={len(whole)}-"})
+    assert_error(past, 416, "RANGE_INVALID")
+    assert past.headers["content-range"] == f"bytes */{len(whole)}"
+    assert_error(get(server, path, headers={"Range": "bytes=9-2"}), 416, "RANGE_INVALID")
+
+
+def test_shell_image_has_bash_cmd(server: Server) -> None:
+    manifest = get(server, "/v2/shell/hello/manifests/latest").json()
+    config = get(server, f"/v2/shell/hello/blobs/{manifest['config']['digest']}").json()
+    assert config["config"]["Cmd"] == ["bash"]
+
+
+def test_shared_packages_share_layer_digests(server: Server) -> None:
+    left = get(server, "/v2/diamond-left/manifests/latest").json()
+    right = get(server, "/v2/diamond-right/manifests/latest").json()
+    shared = {entry["digest"] for entry in left["layers"]} & {
+        entry["digest"] for entry in right["layers"]
+    }
+    assert shared, "images sharing packages must share layers"
+
+
+def test_cached_image_runs_no_nix_and_builds_no_layer(server: Server) -> None:
+    first = get(server, "/v2/chain-a/manifests/latest")
+    assert first.status_code == 200
+    nix_builds, layer_builds = server.count("nix.build"), server.count("layer.built")
+    again = get(server, "/v2/chain-a/manifests/latest")
+    assert again.content == first.content
+    assert server.count("nix.build") == nix_builds
+    assert server.count("layer.built") == layer_builds
+    assert server.count("manifest.cached") >= 1
+
+
+def test_package_order_does_not_matter(server: Server) -> None:
+    one = get(server, "/v2/hello/chain-c/manifests/latest")
+    two = get(server, "/v2/chain-c/hello/manifests/latest")
+    assert one.status_code == 200
+    assert one.content == two.content
+
+
+def test_missing_packages_are_named(server: Server) -> None:
+    response = get(server, "/v2/hello/nope-one/nope-two/manifests/latest")
+    error = assert_error(response, 404, "MANIFEST_UNKNOWN")
+    assert "nope-one" in error["message"] and "nope-two" in error["message"]
+    assert sorted(error["detail"]["missing"]) == ["nope-one", "nope-two"]
+
+
+def test_broken_package_says_which_derivation_failed(server: Server) -> None:
+    error = assert_error(get(server, "/v2/broken/manifests/latest"), 500, "BUILD_FAILED")
+    assert "broken" in error["message"] and ".drv" in error["message"]
+    assert get(server, "/v2/").status_code == 200  # still serving
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code"),
+    [
+        ("/v2/Hello/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/hello/../x/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/hello%2fx/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/hello/manifests/bad:tag!", 400, "DIGEST_INVALID"),
+        ("/v2/hello/manifests/-bad", 400, "TAG_INVALID"),
+        ("/v2/hello/blobs/sha256:abc", 400, "DIGEST_INVALID"),
+        ("/v2/hello/blobs/md5:" + "0" * 32, 400, "DIGEST_INVALID"),
+        ("/v2/hello/blobs/sha256:" + "A" * 64, 400, "DIGEST_INVALID"),
+        ("/v2/hello/blobs/sha256:" + "0" * 64, 404, "BLOB_UNKNOWN"),
+        ("/v2/hello/manifests/sha256:" + "0" * 64, 404, "MANIFEST_UNKNOWN"),
+        ("/v2/hello/referrers/x", 404, "NOT_FOUND"),
+        ("/v2/Hello/tags/list", 400, "NAME_INVALID"),
+        ("/elsewhere", 404, "NOT_FOUND"),
+    ],
+)
+def test_bad_requests_get_registry_errors(
+    server: Server, path: str, status: int, code: str
+) -> None:
+    assert_error(raw_get(server, path), status, code)
+    assert get(server, "/v2/").status_code == 200
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE"])
+def test_other_methods_are_unsupported(server: Server, method: str) -> None:
+    response = get(server, "/v2/hello/manifests/latest", method)
+    assert_error(response, 405, "UNSUPPORTED")
+    assert response.headers["allow"] == "GET, HEAD"
+
+
+def test_too_many_packages(server: Server) -> None:
+    name = "/".join(f"p{i}" for i in range(70))
+    error = assert_error(get(server, f"/v2/{name}/manifests/latest"), 400, "NAME_INVALID")
+    assert "64" in error["message"]
+
+
+def test_log_lines_are_json_with_severity(server: Server) -> None:
+    lines = server.log_path.read_text().splitlines()
+    assert lines
+    for line in lines:
+        entry = json.loads(line)
+        assert entry["severity"] in {"DEBUG", "INFO", "WARNING", "ERROR"}
+    started = server.events("server.started")[0]
+    assert len(started["version"]) == 16

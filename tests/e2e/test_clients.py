@@ -1,0 +1,83 @@
+"""Pull with real clients (skopeo, umoci, ctr, podman) and run what they pulled."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .clients import (
+    Containerd,
+    chroot,
+    podman,
+    run,
+    skopeo_copy,
+    skopeo_inspect,
+    umoci_unpack,
+)
+from .server import Server
+
+
+def test_skopeo_umoci_hello_runs(server: Server, tmp_path: Path) -> None:
+    skopeo_copy(server.host, "hello:latest", tmp_path / "oci")
+    rootfs = umoci_unpack(tmp_path / "oci", tmp_path / "bundle")
+    assert chroot(rootfs, "/bin/hello").stdout == "Hello, world!\n"
+    assert (rootfs / "etc" / "ssl" / "certs" / "ca-bundle.crt").read_text().count(
+        "BEGIN CERTIFICATE"
+    ) > 10
+    assert (rootfs / "etc" / "services").exists()
+    assert (rootfs / "tmp").is_dir() and (rootfs / "tmp").stat().st_mode & 0o1777 == 0o1777
+
+
+def test_skopeo_umoci_shell_image(server: Server, tmp_path: Path) -> None:
+    skopeo_copy(server.host, "shell/hello:latest", tmp_path / "oci")
+    rootfs = umoci_unpack(tmp_path / "oci", tmp_path / "bundle")
+    assert chroot(rootfs, "/bin/sh", "-c", "echo ok").stdout == "ok\n"
+    assert chroot(rootfs, "/bin/bash", "-c", "hello").stdout == "Hello, world!\n"
+    config = json.loads((tmp_path / "bundle" / "config.json").read_text())
+    assert config["process"]["args"] == ["bash"]
+
+
+def test_arm64_image_on_x86_64(server: Server, tmp_path: Path) -> None:
+    config = skopeo_inspect(server.host, "arm64/docs:latest", config=True)
+    assert config["architecture"] == "arm64"
+    skopeo_copy(server.host, "arm64/docs:latest", tmp_path / "oci")
+
+
+def test_pull_by_digest(server: Server, tmp_path: Path) -> None:
+    manifest = skopeo_inspect(server.host, "hello:latest")
+    digest = manifest["Digest"]
+    skopeo_copy(server.host, f"hello@{digest}", tmp_path / "oci")
+    rootfs = umoci_unpack(tmp_path / "oci", tmp_path / "bundle")
+    assert chroot(rootfs, "/bin/hello").stdout == "Hello, world!\n"
+
+
+def test_ctr_pull_and_run(server: Server, containerd: Containerd) -> None:
+    ref = f"{server.host}/hello:latest"
+    containerd.ctr("image", "pull", "--plain-http", ref)
+    result = containerd.ctr("run", "--rm", ref, "nixery-hello", "/bin/hello", timeout=120)
+    assert result.stdout.strip() == "Hello, world!"
+    digest = skopeo_inspect(server.host, "hello:latest")["Digest"]
+    containerd.ctr("image", "pull", "--plain-http", f"{server.host}/hello@{digest}")
+
+
+def test_podman_pull(server: Server, tmp_path: Path) -> None:
+    ref = f"{server.host}/shell/hello:latest"
+    podman(tmp_path, "pull", "--tls-verify=false", ref)
+    images = json.loads(podman(tmp_path, "images", "--format", "json").stdout)
+    assert any(ref in name for image in images for name in image.get("Names", []))
+
+
+def test_missing_package_reaches_the_client(server: Server, tmp_path: Path) -> None:
+    result = run(
+        [
+            "skopeo",
+            "--insecure-policy",
+            "copy",
+            "--src-tls-verify=false",
+            f"docker://{server.host}/hello/no-such-package:latest",
+            f"oci:{tmp_path / 'oci'}:x",
+        ],
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "no-such-package" in result.stderr
