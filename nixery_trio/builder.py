@@ -227,10 +227,17 @@ class Builder:
         return await self._layers.do(key, partial(self._write_layer, image, key, entries))
 
     async def _write_layer(self, image: Image, key: str, entries: Entries) -> LayerBlob:
+        # The layer may have been cached between the caller's lookup and the
+        # start of this flight (a flight for the same key that just ended).
+        cached = await trio.to_thread.run_sync(self.layer_cache.get, key)
+        if cached is not None:
+            return cached
         started = time.monotonic()
         blob = await trio.to_thread.run_sync(
-            self._write_layer_sync, key, entries, limiter=self._threads
-        )
+            archive.write_layer, self.cas, entries(), self.config.gzip_level,
+            limiter=self._threads,
+        )  # fmt: skip
+        await trio.to_thread.run_sync(self.layer_cache.put, key, blob)
         logs.info(
             "layer.built",
             image=image.name,
@@ -239,12 +246,4 @@ class Builder:
             size=blob.size,
             seconds=round(time.monotonic() - started, 3),
         )
-        return blob
-
-    def _write_layer_sync(self, key: str, entries: Entries) -> LayerBlob:
-        cached = self.layer_cache.get(key)  # another process may have written it
-        if cached is not None:
-            return cached
-        blob = archive.write_layer(self.cas, entries(), self.config.gzip_level)
-        self.layer_cache.put(key, blob)
         return blob
