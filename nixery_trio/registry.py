@@ -14,85 +14,34 @@ input must get the registry's own error, not a framework page.  Every
 failure becomes ``{"errors": [{"code", "message", "detail"}]}`` in
 :func:`error_response`, the one place that maps exceptions to statuses.
 
-Blobs stream straight from their CAS file in large ``pread`` calls in worker
-threads; the file is opened when the body starts and closed when it ends or
-the client goes away, so a dropped download frees its descriptor at once.
+Blobs are served by ``blobs.py``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-from collections.abc import AsyncIterator
-from types import TracebackType
-from typing import Any
 
-import trio
 from quart import Response, request
-from quart.wrappers.response import ResponseBody
 from quart_trio import QuartTrio
 
 from . import __version__, logs
+from .blobs import blob_response
 from .builder import Builder, Manifest
 from .digest import parse_digest
 from .errors import (
     BadRequest,
-    BlobUnknown,
     NameInvalid,
     NotFound,
     RegistryError,
     Unsupported,
 )
-from .httprange import parse_range
 from .version import source_version
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-#: Bytes read from a blob file per worker-thread hop.
-BLOB_READ_SIZE = 1 << 20
 _ENDPOINT = re.compile(r"(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<reference>[^/]+)")
 _ENCODED_SEPARATOR = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
-
-
-class BlobBody(ResponseBody):
-    """A byte range of a CAS file, read in large chunks off the event loop."""
-
-    def __init__(self, path: str, first: int, length: int) -> None:
-        self.path = path
-        self.first = first
-        self.length = length
-        self._fd: int | None = None
-
-    async def __aenter__(self) -> BlobBody:
-        self._fd = await trio.to_thread.run_sync(os.open, self.path, os.O_RDONLY)
-        return self
-
-    async def __aexit__(
-        self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._chunks()
-
-    async def _chunks(self) -> AsyncIterator[bytes]:
-        assert self._fd is not None, "BlobBody iterated outside its context"
-        fd, offset, remaining = self._fd, self.first, self.length
-        while remaining > 0:
-            chunk = await trio.to_thread.run_sync(
-                os.pread, fd, min(BLOB_READ_SIZE, remaining), offset
-            )
-            if not chunk:
-                raise OSError(f"{self.path} ended {remaining} bytes early")
-            offset += len(chunk)
-            remaining -= len(chunk)
-            yield chunk
-
-    async def make_conditional(self, begin: int, end: int | None) -> int:
-        raise NotImplementedError("ranges are handled by the registry itself")
 
 
 def error_response(exc: RegistryError, extra_headers: dict[str, str] | None = None) -> Response:
@@ -161,7 +110,8 @@ def create_app(builder: Builder) -> QuartTrio:
         head = request.method == "HEAD"
         if kind == "blobs":
             builder.parse(name, "latest")
-            return await _blob(builder, parse_digest(reference), head)
+            digest = parse_digest(reference)
+            return await blob_response(builder.cas, digest, head, request.headers.get("Range"))
         if ":" in reference:
             builder.parse(name, "latest")
             manifest = await builder.manifest_for_digest(parse_digest(reference))
@@ -196,31 +146,3 @@ def _tags(builder: Builder, name: str) -> Response:
     builder.parse(name, "latest")
     body = json.dumps({"name": name, "tags": ["latest"]}).encode()
     return Response(body, status=200, content_type="application/json")
-
-
-async def _blob(builder: Builder, digest: str, head: bool) -> Response:
-    path = str(builder.cas.path(digest))
-    try:
-        size = (await trio.Path(path).stat()).st_size
-    except FileNotFoundError:
-        raise BlobUnknown(f"blob {digest} is not in this registry", {"digest": digest}) from None
-    headers: dict[str, Any] = {
-        "Content-Type": "application/octet-stream",
-        "Docker-Content-Digest": digest,
-        "ETag": f'"{digest}"',
-        "Accept-Ranges": "bytes",
-        "Cache-Control": "max-age=31536000",
-    }
-    range_header = request.headers.get("Range")
-    status, first, length = 200, 0, size
-    if range_header is not None:
-        first, last = parse_range(range_header, size)
-        status, length = 206, last - first + 1
-        headers["Content-Range"] = f"bytes {first}-{last}/{size}"
-    if head or length == 0:
-        response = Response(b"", status=status)
-    else:
-        response = Response(BlobBody(path, first, length), status=status)
-    response.headers.update(headers)
-    response.headers["Content-Length"] = str(length)
-    return response
