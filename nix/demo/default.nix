@@ -118,6 +118,12 @@ let
   chain-c = mkPackage (runsThenEchoes "chain-c" [ ]);
   chain-b = mkPackage (runsThenEchoes "chain-b" [ "${chain-c}/bin/chain-c" ]);
   chain-a = mkPackage (runsThenEchoes "chain-a" [ "${chain-b}/bin/chain-b" ]);
+
+  # For tests of concurrent, cancelled and timed-out builds. A test copies
+  # this set and writes ./test-nonce so that Nix has to build these afresh;
+  # the nonce reaches the builder as $NONCE, so a test can also find its
+  # processes.
+  nonce = if builtins.pathExists ./test-nonce then builtins.readFile ./test-nonce else "";
 in
 {
   inherit busybox;
@@ -213,6 +219,25 @@ in
       echo "broken: this demo package fails to build on purpose" >&2
       exit 1
     '';
+  };
+
+  # Takes two seconds to build.
+  slow = runBusybox {
+    name = "slow";
+    NONCE = nonce;
+    script = ''
+      ${bb} sleep 2
+      ${bb} mkdir -p "$out/bin"
+      ${bb} printf '#!%s sh\n%s echo slow %s\n' ${bb} ${bb} "$NONCE" > "$out/bin/slow"
+      ${bb} chmod +x "$out/bin/slow"
+    '';
+  };
+
+  # Never finishes: only NIX_TIMEOUT ends it.
+  hang = runBusybox {
+    name = "hang";
+    NONCE = nonce;
+    script = "exec ${bb} sleep 86400";
   };
 
   # Like a nixpkgs alias of a removed package: evaluating it throws.
