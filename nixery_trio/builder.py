@@ -20,7 +20,9 @@ images sharing a layer write it once.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ from .config import Config
 from .errors import BuildFailed, ManifestUnknown
 from .image import Image, parse_image
 from .layers import group_layers
-from .manifest import DOCKER_MANIFEST, LayerBlob, build_config, build_manifest
+from .manifest import DOCKER_MANIFEST, LayerBlob, build_config, build_manifest, manifest_refs
 
 T = TypeVar("T")
 #: A deferred walk of a layer's files (run in the worker thread).
@@ -44,6 +46,8 @@ Entries = Callable[[], Iterable[archive.Entry]]
 
 #: Manifests are small; anything bigger in the CAS is not one of ours.
 MANIFEST_LIMIT = 4 << 20
+#: Seconds between two refreshes of a manifest's "last used" time.
+TOUCH_INTERVAL = 60
 
 
 @dataclass
@@ -137,39 +141,54 @@ class Builder:
             else None
         )
         if image_key is not None:
-            digest = await trio.to_thread.run_sync(self.manifest_cache.get, image_key)
-            if digest is not None:
-                manifest = await self._read_manifest(digest)
-                if manifest is not None:
-                    logs.info("manifest.cached", image=name, tag=tag, digest=digest)
-                    return manifest
+            cached = await trio.to_thread.run_sync(self._cached_manifest, image_key)
+            if cached is not None:
+                logs.info("manifest.cached", image=name, tag=tag, digest=cached.digest)
+                return cached
         flight_key = image_key or json.dumps(
             [self.config.source.render(tag), image.arch.nix_system, list(image.packages)]
         )
         digest = await self._images.do(flight_key, partial(self._build_image, image, image_key))
-        manifest = await self._read_manifest(digest)
+        manifest = await trio.to_thread.run_sync(self._load_manifest, digest)
         if manifest is None:
             raise BuildFailed(f"manifest {digest} vanished from the store after its build")
         return manifest
 
     async def manifest_for_digest(self, digest: str) -> Manifest:
         """A stored manifest by digest, or ManifestUnknown."""
-        manifest = await self._read_manifest(digest)
+        manifest = await trio.to_thread.run_sync(self._locked_manifest, digest)
         if manifest is None:
             raise ManifestUnknown(f"manifest {digest} is not known to this registry")
         return manifest
 
-    async def _read_manifest(self, digest: str) -> Manifest | None:
-        data = await trio.to_thread.run_sync(self.cas.read_bytes, digest, MANIFEST_LIMIT)
+    def _cached_manifest(self, image_key: str) -> Manifest | None:
+        """The cached manifest of an image, if it and all its blobs are stored."""
+        with self.cas.lock.held():
+            digest = self.manifest_cache.get(image_key)
+            return None if digest is None else self._load_manifest(digest)
+
+    def _locked_manifest(self, digest: str) -> Manifest | None:
+        with self.cas.lock.held():
+            return self._load_manifest(digest)
+
+    def _load_manifest(self, digest: str) -> Manifest | None:
+        """Read a manifest, check its blobs are all stored, and mark it used.
+
+        The mark (the file's mtime, refreshed at most once a minute) is what
+        ``gc`` reads as "last used": it never removes a manifest, or a blob
+        one names, that was used within its grace period.
+        """
+        data = self.cas.read_bytes(digest, MANIFEST_LIMIT)
         if data is None:
             return None
-        try:
-            media_type = json.loads(data).get("mediaType")
-        except (ValueError, AttributeError):
+        refs = manifest_refs(data)
+        if refs is None or any(self.cas.size(ref.digest) != ref.size for ref in refs):
             return None
-        if media_type != DOCKER_MANIFEST:
-            return None
-        return Manifest(data=data, digest=digest, media_type=media_type)
+        path = self.cas.path(digest)
+        with contextlib.suppress(OSError):
+            if time.time() - path.stat().st_mtime > TOUCH_INTERVAL:
+                os.utime(path)
+        return Manifest(data=data, digest=digest, media_type=DOCKER_MANIFEST)
 
     async def _build_image(self, image: Image, image_key: str | None) -> str:
         started = time.monotonic()
@@ -184,28 +203,36 @@ class Builder:
             result.graph, result.roots, self.popularity, budget=self.config.layer_budget
         )
         layered = time.monotonic()
-        jobs: list[tuple[str, Entries]] = [
-            (layer.key, partial(archive.store_path_entries, layer.contents)) for layer in layers
-        ]
-        jobs.append(("forest:" + result.forest, partial(archive.forest_entries, result.forest)))
-        blobs: list[LayerBlob | None] = [None] * len(jobs)
+        # Held shared until the manifest is recorded: gc (exclusive) cannot
+        # remove a cached layer between its lookup here and the manifest.
+        lock = await trio.to_thread.run_sync(self.cas.lock.acquire)
+        try:
+            jobs: list[tuple[str, Entries]] = [
+                (layer.key, partial(archive.store_path_entries, layer.contents)) for layer in layers
+            ]
+            jobs.append(("forest:" + result.forest, partial(archive.forest_entries, result.forest)))
+            blobs: list[LayerBlob | None] = [None] * len(jobs)
 
-        async def fetch(index: int, key: str, entries: Entries) -> None:
-            blobs[index] = await self._layer(image, key, entries)
+            async def fetch(index: int, key: str, entries: Entries) -> None:
+                blobs[index] = await self._layer(image, key, entries)
 
-        async with trio.open_nursery() as nursery:
-            for index, (key, entries) in enumerate(jobs):
-                nursery.start_soon(fetch, index, key, entries)
-        written = time.monotonic()
-        layer_blobs = [blob for blob in blobs if blob is not None]
-        config_bytes = build_config(arch=image.arch, layers=layer_blobs, has_bash=image.has_bash)
-        config_digest = await trio.to_thread.run_sync(self.cas.put_bytes, config_bytes)
-        manifest_bytes = build_manifest(
-            config_digest=config_digest, config_size=len(config_bytes), layers=layer_blobs
-        )
-        digest = await trio.to_thread.run_sync(self.cas.put_bytes, manifest_bytes)
-        if image_key is not None:
-            await trio.to_thread.run_sync(self.manifest_cache.put, image_key, digest)
+            async with trio.open_nursery() as nursery:
+                for index, (key, entries) in enumerate(jobs):
+                    nursery.start_soon(fetch, index, key, entries)
+            written = time.monotonic()
+            layer_blobs = [blob for blob in blobs if blob is not None]
+            config_bytes = build_config(
+                arch=image.arch, layers=layer_blobs, has_bash=image.has_bash
+            )
+            config_digest = await trio.to_thread.run_sync(self.cas.put_bytes, config_bytes)
+            manifest_bytes = build_manifest(
+                config_digest=config_digest, config_size=len(config_bytes), layers=layer_blobs
+            )
+            digest = await trio.to_thread.run_sync(self.cas.put_bytes, manifest_bytes)
+            if image_key is not None:
+                await trio.to_thread.run_sync(self.manifest_cache.put, image_key, digest)
+        finally:
+            os.close(lock)
         done = time.monotonic()
         logs.info(
             "image.built",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,19 @@ class RecordIndex:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def scan(self) -> Iterator[tuple[Path, dict[str, Any] | None]]:
+        """Every record file with its map, or ``None`` if torn or misnamed."""
+        for entry in sorted(os.scandir(self.directory), key=lambda e: e.name):
+            path = Path(entry.path)
+            try:
+                record = decode_record(path.read_bytes())
+            except OSError:
+                continue
+            key = None if record is None else record.get("key")
+            if not isinstance(key, str) or path != self._path(key):
+                record = None
+            yield path, record
 
 
 def decode_record(raw: bytes) -> dict[str, Any] | None:

@@ -4,6 +4,7 @@ Layout under the storage root::
 
     blobs/sha256/<64 hex>   one file per blob, named by its SHA-256
     tmp/<random>.part       blobs being written
+    lock                    builds (shared) against gc (exclusive)
 
 A blob is written to a temporary file, fsynced, then renamed to its digest
 and the directory fsynced, so a blob path either does not exist or holds
@@ -15,6 +16,7 @@ blocking; the shell calls them from worker threads.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import secrets
@@ -52,6 +54,7 @@ class CAS:
         self.root = root
         self.blob_dir = root / "blobs" / "sha256"
         self.tmp_dir = root / "tmp"
+        self.lock = StoreLock(root / "lock")
 
     def open_store(self) -> int:
         """Create the layout and remove leftovers of a crash; return how many."""
@@ -101,6 +104,7 @@ class CAS:
         """Store a small blob (config, manifest); return its digest."""
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if self.size(digest) == len(data):
+            os.utime(self.path(digest))  # used again: fresh for gc
             return digest
         with self.writer() as w:
             w.file.write(data)
@@ -120,3 +124,35 @@ class CAS:
         """Every stored digest."""
         for entry in os.scandir(self.blob_dir):
             yield "sha256:" + entry.name
+
+
+class StoreLock:
+    """An advisory lock between builds (shared) and garbage collection (exclusive).
+
+    A build holds it shared from its first layer-cache lookup until its
+    manifest is recorded, and a cache hit holds it while it checks and
+    touches the manifest; ``gc`` holds it exclusively while it decides and
+    deletes.  So gc never removes a blob a build has just decided to reuse.
+    ``flock`` locks belong to the open file, so any thread may release them.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def acquire(self, exclusive: bool = False) -> int:
+        """Block until held; return the descriptor that releases it on close."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @contextlib.contextmanager
+    def held(self, exclusive: bool = False) -> Iterator[None]:
+        fd = self.acquire(exclusive)
+        try:
+            yield
+        finally:
+            os.close(fd)

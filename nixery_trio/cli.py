@@ -7,8 +7,10 @@ a :class:`~nixery_trio.config.Config` and passed down explicitly.
 
 from __future__ import annotations
 
+import sys
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -16,7 +18,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
-from . import logs
+from . import logs, maintenance
 from .builder import Builder
 from .cas import CAS
 from .config import SETTINGS, Config, make_config
@@ -109,6 +111,59 @@ def serve(**raw: str | None) -> None:
         trio.run(run_server, config, popularity)
     except KeyboardInterrupt:
         logs.info("server.stopped")
+
+
+_storage_option = click.option(
+    "--storage-path", envvar="STORAGE_PATH", required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory of the blob store and caches [env STORAGE_PATH].",
+)  # fmt: skip
+
+
+@main.command()
+@_storage_option
+@click.option("--repair", is_flag=True, help="Drop blobs and records that cannot be trusted.")
+def fsck(storage_path: Path, repair: bool) -> None:
+    """Re-hash every blob and check every cache record.
+
+    Exits 1 if it found problems it did not repair.
+    """
+    if not storage_path.is_dir():
+        raise click.ClickException(f"{storage_path} is not a directory")
+    findings = maintenance.fsck(storage_path, repair=repair)
+    for finding in findings:
+        click.echo(str(finding))
+    broken = [f for f in findings if not f.repaired]
+    click.echo(f"fsck: {len(findings)} problem(s), {len(findings) - len(broken)} repaired")
+    if broken:
+        sys.exit(1)
+
+
+@main.command()
+@_storage_option
+@click.option("--max-size", required=True, help="Shrink the store to this size (e.g. 10G).")
+@click.option(
+    "--grace", default=900.0, show_default=True, type=float,
+    help="Seconds since last use within which nothing is removed.",
+)  # fmt: skip
+def gc(storage_path: Path, max_size: str, grace: float) -> None:
+    """Remove least recently used blobs until the store fits --max-size."""
+    try:
+        limit = maintenance.parse_size(max_size)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--max-size") from exc
+    if not storage_path.is_dir():
+        raise click.ClickException(f"{storage_path} is not a directory")
+    report = maintenance.gc(storage_path, limit, grace=grace)
+    click.echo(
+        f"gc: {report.size_before} -> {report.size_after} bytes, removed "
+        f"{len(report.removed)} blob(s) and {report.records_removed} record(s)"
+    )
+    if report.size_after > limit:
+        click.echo(
+            f"gc: still over {limit} bytes: {report.kept_recent} blob(s) were used within "
+            f"the last {grace:g} s"
+        )
 
 
 if __name__ == "__main__":

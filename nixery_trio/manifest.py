@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nixery_trio.digest import parse_digest
+from nixery_trio.errors import DigestInvalid
 from nixery_trio.image import Arch
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -105,3 +106,24 @@ def build_manifest(*, config_digest: str, config_size: int, layers: Sequence[Lay
             ],
         }
     )
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """A blob a manifest names: its digest and its size."""
+
+    digest: str
+    size: int
+
+
+def manifest_refs(data: bytes) -> list[BlobRef] | None:
+    """The config and layers a stored manifest names, or ``None`` if ``data``
+    is not a Docker schema 2 manifest (with valid digests)."""
+    try:
+        document = json.loads(data)
+        if not isinstance(document, dict) or document.get("mediaType") != DOCKER_MANIFEST:
+            return None
+        entries = [document["config"], *document["layers"]]
+        return [BlobRef(parse_digest(entry["digest"]), int(entry["size"])) for entry in entries]
+    except (ValueError, KeyError, TypeError, DigestInvalid):
+        return None

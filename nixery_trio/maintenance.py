@@ -1,0 +1,257 @@
+"""Operator commands on a store: ``fsck`` checks it, ``gc`` shrinks it.
+
+**fsck** re-hashes every blob against its name, decompresses every cached
+layer to check its ``diff_id``, and checks every cache record: that it is
+whole, filed under its own key, and names blobs that are stored with the
+right size (for a manifest: the manifest, its config and every layer).  With
+``repair`` it drops what cannot be trusted: corrupt blobs, torn or dangling
+records, and temporary files older than an hour (younger ones may belong to
+a write in progress).  Blobs are checked first, so a record naming a corrupt
+blob is dropped in the same run.
+
+**gc** removes the least recently used blobs, and the cache records naming
+them, until the store fits ``max_size``.  A blob's "last use" is the latest
+of its own mtime and that of every manifest naming it; the server refreshes
+a manifest's mtime when it serves it.  So a layer is never older than the
+images using it, a manifest goes before its blobs, and nothing used within
+the grace period is removed: a pull that fetched its manifest keeps its
+blobs.  gc holds the store lock exclusively while it decides and deletes;
+builds hold it shared, so it is safe to run beside a serving registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from isal import isal_zlib
+
+from .cache import LayerCache, ManifestCache, RecordIndex
+from .cas import CAS
+from .digest import parse_digest
+from .errors import DigestInvalid
+from .manifest import manifest_refs
+
+#: Temporary files younger than this may belong to a write in progress.
+STALE_TMP_SECONDS = 3600
+_MANIFEST_LIMIT = 4 << 20
+_READ = 1 << 20
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing fsck found wrong, and whether it was repaired."""
+
+    kind: str  # "blob", "tmp", "layer-record", "manifest-record"
+    name: str
+    problem: str
+    repaired: bool = False
+
+    def __str__(self) -> str:
+        state = "removed" if self.repaired else "found"
+        return f"{self.kind} {self.name}: {self.problem} ({state})"
+
+
+def _sha256_file(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(_READ):
+            hasher.update(chunk)
+    return "sha256:" + hasher.hexdigest()
+
+
+def _diff_id(path: Path) -> str | None:
+    """sha256 of the decompressed layer, or ``None`` if it is not one whole gzip."""
+    hasher = hashlib.sha256()
+    inflater = isal_zlib.decompressobj(16 + 15)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            while chunk := f.read(_READ):
+                hasher.update(inflater.decompress(chunk))
+        hasher.update(inflater.flush())
+    except Exception:  # isal's error type is not typed as an exception
+        return None
+    if not inflater.eof or inflater.unused_data:
+        return None
+    return "sha256:" + hasher.hexdigest()
+
+
+class _Store:
+    def __init__(self, root: Path) -> None:
+        self.cas = CAS(root)
+        self.layers = LayerCache(root, self.cas)
+        self.manifests = ManifestCache(root, self.cas)
+        for directory in (self.cas.blob_dir, self.layers.index.directory,
+                          self.manifests.index.directory, self.cas.tmp_dir):  # fmt: skip
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def blobs(self) -> Iterator[tuple[str, os.stat_result]]:
+        for entry in os.scandir(self.cas.blob_dir):
+            yield entry.name, entry.stat(follow_symlinks=False)
+
+
+def fsck(root: Path, repair: bool = False) -> list[Finding]:
+    """Check every blob and record under ``root``; drop the bad ones if asked."""
+    store = _Store(root)
+    findings: list[Finding] = []
+
+    def found(kind: str, name: str, problem: str, path: Path) -> None:
+        if repair:
+            path.unlink(missing_ok=True)
+        findings.append(Finding(kind, name, problem, repair))
+
+    now = time.time()
+    for entry in os.scandir(store.cas.tmp_dir):
+        if now - entry.stat().st_mtime > STALE_TMP_SECONDS:
+            found("tmp", entry.name, "stale temporary file", Path(entry.path))
+
+    good: set[str] = set()
+    for name, _ in store.blobs():
+        path = store.cas.blob_dir / name
+        try:
+            digest = parse_digest("sha256:" + name)
+        except DigestInvalid:
+            found("blob", name, "file name is not a sha256 digest", path)
+            continue
+        actual = _sha256_file(path)
+        if actual != digest:
+            found("blob", digest, f"content hashes to {actual}", path)
+        else:
+            good.add(digest)
+
+    diff_ids: dict[str, str | None] = {}
+    for path, record in store.layers.index.scan():
+        problem = _layer_problem(store, record, good, diff_ids)
+        if problem:
+            found("layer-record", path.name, problem, path)
+
+    for path, record in store.manifests.index.scan():
+        problem = _manifest_problem(store, record, good)
+        if problem:
+            found("manifest-record", path.name, problem, path)
+    return findings
+
+
+def _layer_problem(
+    store: _Store, record: dict[str, object] | None, good: set[str],
+    diff_ids: dict[str, str | None],
+) -> str | None:  # fmt: skip
+    if record is None:
+        return "torn, corrupt or misnamed record"
+    digest, diff_id, size = record.get("digest"), record.get("diff_id"), record.get("size")
+    if not isinstance(digest, str) or digest not in good:
+        return f"names blob {digest} which is missing or corrupt"
+    if store.cas.size(digest) != size:
+        return f"size {size} does not match blob {digest}"
+    if digest not in diff_ids:
+        diff_ids[digest] = _diff_id(store.cas.path(digest))
+    if diff_ids[digest] != diff_id:
+        return f"diff_id {diff_id} does not match the layer's content ({diff_ids[digest]})"
+    return None
+
+
+def _manifest_problem(
+    store: _Store, record: dict[str, object] | None, good: set[str]
+) -> str | None:
+    if record is None:
+        return "torn, corrupt or misnamed record"
+    digest = record.get("digest")
+    if not isinstance(digest, str) or digest not in good:
+        return f"names manifest {digest} which is missing or corrupt"
+    data = store.cas.read_bytes(digest, _MANIFEST_LIMIT)
+    refs = None if data is None else manifest_refs(data)
+    if refs is None:
+        return f"blob {digest} is not a manifest"
+    for ref in refs:
+        if ref.digest not in good or store.cas.size(ref.digest) != ref.size:
+            return f"manifest {digest} names blob {ref.digest} which is missing or wrong"
+    return None
+
+
+@dataclass
+class GcReport:
+    """What a gc run saw and did."""
+
+    size_before: int = 0
+    size_after: int = 0
+    removed: list[str] = field(default_factory=list)
+    records_removed: int = 0
+    kept_recent: int = 0
+
+
+def gc(root: Path, max_size: int, grace: float = 900, now: float | None = None) -> GcReport:
+    """Remove least recently used blobs until the store holds ``max_size`` bytes."""
+    store = _Store(root)
+    report = GcReport()
+    with store.cas.lock.held(exclusive=True):
+        now = time.time() if now is None else now
+        sizes: dict[str, int] = {}
+        last_used: dict[str, float] = {}
+        for name, st in store.blobs():
+            digest = "sha256:" + name
+            sizes[digest] = st.st_size
+            last_used[digest] = st.st_mtime
+        report.size_before = report.size_after = sum(sizes.values())
+        if report.size_before <= max_size:
+            return report
+        manifests: set[str] = set()
+        for digest, size in sizes.items():
+            if size > _MANIFEST_LIMIT:
+                continue
+            data = store.cas.read_bytes(digest, _MANIFEST_LIMIT)
+            refs = None if data is None or not data.startswith(b"{") else manifest_refs(data)
+            if refs is None:
+                continue
+            manifests.add(digest)
+            for ref in refs:
+                if ref.digest in last_used:
+                    last_used[ref.digest] = max(last_used[ref.digest], last_used[digest])
+        records = _records_by_digest(store)
+        # Oldest first; on a tie, manifests before the blobs they name.
+        order = sorted(sizes, key=lambda d: (last_used[d], d not in manifests, d))
+        for digest in order:
+            if report.size_after <= max_size:
+                break
+            if now - last_used[digest] < grace:
+                report.kept_recent = sum(1 for d in order if now - last_used[d] < grace)
+                break
+            for record in records.get(digest, []):
+                record.unlink(missing_ok=True)
+                report.records_removed += 1
+            store.cas.path(digest).unlink(missing_ok=True)
+            report.removed.append(digest)
+            report.size_after -= sizes[digest]
+    return report
+
+
+def _records_by_digest(store: _Store) -> dict[str, list[Path]]:
+    by_digest: dict[str, list[Path]] = {}
+    index: RecordIndex
+    for index in (store.layers.index, store.manifests.index):
+        for path, record in index.scan():
+            digest = None if record is None else record.get("digest")
+            if isinstance(digest, str):
+                by_digest.setdefault(digest, []).append(path)
+    return by_digest
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+          "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
+          "tb": 1000**4, "tib": 1024**4}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """``"10G"``, ``"512MiB"``, ``"1.5GB"`` or a number of bytes, as bytes."""
+    stripped = text.strip().lower()
+    number = stripped.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = stripped[len(number) :].strip()
+    if unit not in _UNITS or not number.strip():
+        raise ValueError(f"not a size: {text!r} (use e.g. 500M, 10GiB or bytes)")
+    value = float(number)
+    if value < 0:
+        raise ValueError(f"a size cannot be negative: {text!r}")
+    return int(value * _UNITS[unit])

@@ -1,0 +1,184 @@
+"""fsck and gc on real stores built with the real writer and caches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from nixery_trio import archive
+from nixery_trio.cache import LayerCache, ManifestCache
+from nixery_trio.cas import CAS
+from nixery_trio.image import Arch
+from nixery_trio.maintenance import fsck, gc, parse_size
+from nixery_trio.manifest import LayerBlob, build_config, build_manifest
+
+
+@dataclass
+class Image:
+    manifest: str
+    config: str
+    layers: list[LayerBlob]
+
+
+class Store:
+    def __init__(self, root: Path, files: Path) -> None:
+        self.root = root
+        self.files = files
+        self.cas = CAS(root)
+        self.cas.open_store()
+        self.layers = LayerCache(root, self.cas)
+        self.manifests = ManifestCache(root, self.cas)
+        self.layers.index.open_index()
+        self.manifests.index.open_index()
+
+    def layer(self, name: str, size: int) -> LayerBlob:
+        path = self.files / "nix" / "store" / (name[0] * 32 + "-" + name)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "data").write_bytes(os.urandom(size))
+        blob = archive.write_layer(self.cas, archive.store_path_entries([str(path)]), 1)
+        self.layers.put(name, blob)
+        return blob
+
+    def image(self, key: str, layers: list[LayerBlob]) -> Image:
+        config = build_config(arch=Arch.AMD64, layers=layers, has_bash=False)
+        config_digest = self.cas.put_bytes(config)
+        manifest = build_manifest(
+            config_digest=config_digest, config_size=len(config), layers=layers
+        )
+        digest = self.cas.put_bytes(manifest)
+        self.manifests.put(key, digest)
+        return Image(digest, config_digest, layers)
+
+    def age(self, digest: str, seconds_ago: float) -> None:
+        when = 1_000_000 - seconds_ago
+        os.utime(self.cas.path(digest), (when, when))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "store", tmp_path / "files")
+
+
+def test_a_healthy_store_is_clean(store: Store) -> None:
+    shared = store.layer("shared", 5000)
+    store.image("one", [shared, store.layer("one", 3000)])
+    assert fsck(store.root) == []
+
+
+def test_fsck_finds_and_repairs_every_kind_of_damage(store: Store) -> None:
+    shared = store.layer("shared", 5000)
+    own = store.layer("own", 3000)
+    image = store.image("img", [shared, own])
+    other = store.image("other", [shared])
+    # A corrupt layer blob: the layer record and the manifest naming it go too.
+    own_path = store.cas.path(own.digest)
+    damaged = bytearray(own_path.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    own_path.write_bytes(bytes(damaged))
+    # A torn record.
+    torn = store.layers.index._path("shared")
+    torn.write_bytes(torn.read_bytes()[:-2])
+    # A stale temporary file and a foreign file among the blobs.
+    stale = store.cas.tmp_dir / "old.part"
+    stale.write_bytes(b"x")
+    os.utime(stale, (1, 1))
+    (store.cas.blob_dir / "not-a-digest").write_bytes(b"?")
+
+    findings = fsck(store.root)
+    kinds = sorted((f.kind, f.name) for f in findings)
+    assert ("blob", own.digest) in kinds
+    assert ("tmp", "old.part") in kinds
+    assert ("blob", "not-a-digest") in kinds
+    assert sum(f.kind == "layer-record" for f in findings) == 2  # torn + corrupt blob
+    assert sum(f.kind == "manifest-record" for f in findings) == 1  # "img" only
+    assert not any(f.repaired for f in findings)
+    assert own_path.exists()  # without --repair nothing changes
+
+    repaired = fsck(store.root, repair=True)
+    assert [str(f) for f in repaired] == [str(f).replace("(found)", "(removed)") for f in findings]
+    assert not own_path.exists() and not stale.exists()
+    assert fsck(store.root) == []
+    assert store.manifests.get("img") is None
+    assert store.manifests.get("other") == other.manifest
+    assert image.manifest  # the blob stays; only its record was untrustworthy
+
+
+def test_fsck_checks_diff_ids(store: Store) -> None:
+    blob = store.layer("layer", 1000)
+    store.layers.put("layer", LayerBlob(blob.digest, "sha256:" + "0" * 64, blob.size))
+    (finding,) = fsck(store.root)
+    assert finding.kind == "layer-record" and "diff_id" in finding.problem
+
+
+def test_gc_removes_least_recently_used_images_first(store: Store) -> None:
+    shared = store.layer("shared", 20_000)
+    old = store.image("old", [shared, store.layer("old", 20_000)])
+    new = store.image("new", [shared, store.layer("new", 20_000)])
+    for digest in (old.manifest, old.config, *(layer.digest for layer in old.layers)):
+        store.age(digest, 7200)
+    for digest in (new.manifest, new.config, new.layers[1].digest):
+        store.age(digest, 3600)
+    total = sum(f.stat().st_size for f in store.cas.blob_dir.iterdir())
+    old_only = [old.manifest, old.config, old.layers[1].digest]
+    limit = total - sum(store.cas.path(d).stat().st_size for d in old_only)
+
+    report = gc(store.root, limit, grace=60, now=1_000_000)
+    removed = set(report.removed)
+    assert removed == set(old_only)
+    # The old image goes (manifest first), but not the layer the newer one shares.
+    assert report.removed[0] == old.manifest
+    assert old.layers[1].digest in removed
+    assert shared.digest not in removed
+    assert store.manifests.get("old") is None and store.layers.get("old") is None
+    assert store.manifests.get("new") == new.manifest
+    assert fsck(store.root) == []
+    assert report.size_after == limit
+
+
+def test_gc_keeps_what_was_used_within_the_grace_period(store: Store) -> None:
+    image = store.image("img", [store.layer("a", 10_000)])
+    report = gc(store.root, 0, grace=3600)
+    assert report.removed == []
+    assert report.kept_recent == 3
+    assert store.manifests.get("img") == image.manifest
+
+
+def test_gc_below_the_limit_does_nothing(store: Store) -> None:
+    store.image("img", [store.layer("a", 10_000)])
+    report = gc(store.root, 10**9, grace=0)
+    assert report.removed == [] and report.size_after == report.size_before
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("123", 123), ("10K", 10_000), ("1.5GB", 1_500_000_000), ("512MiB", 512 << 20),
+     ("2 gib", 2 << 30)],
+)  # fmt: skip
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "G", "10X", "-1G", "1..2M"])
+def test_parse_size_refuses_nonsense(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_cli_exit_codes(store: Store) -> None:
+    blob = store.layer("x", 100)
+    store.cas.path(blob.digest).write_bytes(b"corrupt")
+    cli = [sys.executable, "-m", "nixery_trio"]
+    check = subprocess.run([*cli, "fsck", "--storage-path", str(store.root)],
+                           capture_output=True, text=True)  # fmt: skip
+    assert check.returncode == 1 and blob.digest in check.stdout
+    repair = subprocess.run([*cli, "fsck", "--repair", "--storage-path", str(store.root)],
+                            capture_output=True, text=True)  # fmt: skip
+    assert repair.returncode == 0 and "removed" in repair.stdout
+    bad = subprocess.run([*cli, "gc", "--storage-path", str(store.root), "--max-size", "lots"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "not a size" in bad.stderr
