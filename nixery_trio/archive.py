@@ -2,28 +2,52 @@
 
 ::
 
-    files ──read 1 MiB──▶ tar stream ──▶ sha256 (diff_id)
-                              │
-                              ▼ fixed-size blocks
-                          deflate (ISA-L) ──▶ sha256 (digest) + byte count
-                              │
+    files ──readinto──▶ tar stream, cut into fixed 1 MiB blocks ──▶ sha256 (diff_id)
+                              │ block i, with the last 32 KiB of block i-1 as dictionary
                               ▼
+                 deflate in worker threads (ISA-L by default), one block each
+                              │ back in block order
+                              ▼
+              gzip header + blocks + final block + CRC-32/size trailer
+                              │
+                              ▼ sha256 (digest) + byte count
                        CAS temporary file ──rename──▶ blobs/sha256/<digest>
 
-Every byte of every file is read once and never held whole: the tar stream
-is hashed as it is produced, cut into fixed-size blocks for the compressor
-(so the gzip bytes do not depend on how reads happened to split the input),
-and the compressed bytes are hashed, counted and written straight to a
-temporary file in the CAS, renamed to its digest once complete.
+Every byte of every file is read once, straight into the block it belongs
+to, and never held whole: a layer of any size needs a few blocks of memory.
 
-The tar is deterministic: store paths in sorted order, entries sorted by
+**The tar** is deterministic: store paths in sorted order, entries sorted by
 name within each directory, mtime 1 (as in the Nix store), uid and gid 0, no
 user or group names; only directories, regular files and symlinks exist in
-the store.  Entries of store path layers carry their full
-``nix/store/<hash>-<name>/...`` path with the parent directories ``nix/`` and
-``nix/store/``.  The symlink forest layer maps the forest's store path to the
-image root instead, adds ``/tmp`` (mode 1777) and leaves out Nix's
+the store.  Headers are POSIX ustar, with a pax extended header for a path
+or link target that does not fit (over 100 bytes, or not ASCII) and for
+sizes of 8 GiB or more; they are built here, byte for byte what Python's
+``tarfile`` writes in ``PAX_FORMAT``, so the bytes do not drift with the
+Python version.  Entries of store path layers carry their full
+``nix/store/<hash>-<name>/...`` path with the parent directories ``nix/``
+and ``nix/store/``.  The symlink forest layer maps the forest's store path
+to the image root instead, adds ``/tmp`` (mode 1777) and leaves out Nix's
 ``manifest.nix``.
+
+**The gzip** is one standard gzip member made the way pigz makes one: the
+tar stream is cut into blocks of exactly :data:`BLOCK_SIZE` bytes (the last
+one shorter), and each block is deflated on its own, primed with the last
+32 KiB of the block before it as the preset dictionary (so matches reach
+back across block boundaries as they would in one stream) and ended with a
+sync flush (an empty stored block, which byte-aligns it), so the blocks'
+outputs concatenate into one deflate stream.  A final empty block ends it,
+and the trailer's CRC-32 is the blocks' CRCs combined.  Each block's output
+is a pure function of (engine, level, block, dictionary): it does not
+depend on how many threads there are, which thread got the block, when it
+finished, or how reads happened to split the input.  So the layer's bytes,
+and its digest, are the same on every run and whatever the thread count;
+one thread and eight give identical blobs.  (Across machines they are the
+same as long as the deflate engine is: ISA-L picks CPU-specific kernels.)
+
+The blocks are deflated by up to ``threads`` worker threads of a pool that
+lives as long as the layer's write; at most two blocks per thread are in
+flight, and finished blocks are hashed and written in order by the calling
+thread.  A layer that fits in one block never starts a thread.
 
 The functions here block; the builder runs them in worker threads.
 """
@@ -31,23 +55,50 @@ The functions here block; the builder runs them in worker threads.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
-import tarfile
-from collections.abc import Iterable, Iterator
+import struct
+import threading
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from isal import isal_zlib
 
 from .cas import CAS
 from .manifest import LayerBlob
 
-#: Bytes handed to the compressor at a time; fixed so output is reproducible.
+#: Bytes of tar stream per deflate block.  Part of the output format: the
+#: gzip bytes (and so every layer digest) depend on it.
 BLOCK_SIZE = 1 << 20
-#: Bytes read from a file at a time.
+#: Default largest read from a file, in bytes (reads also stop at block ends).
 READ_SIZE = 1 << 20
+#: Deflate's window: each block is primed with this much of the one before.
+WINDOW_SIZE = 32 << 10
+#: Deflate engines by name, with their compression levels: ISA-L's igzip,
+#: the standard library's zlib, and zlib-ng (when the ``zlib-ng`` package is
+#: installed, as the ``bench`` extra does).
+ENGINE_LEVELS: dict[str, range] = {
+    "isal": range(0, 4),
+    "zlib": range(1, 10),
+    "zlib-ng": range(1, 10),
+}
+#: The deflate engine used unless configured otherwise.
+DEFAULT_ENGINE = "isal"
+#: Blocks in flight per deflate thread: enough to keep every thread busy
+#: while the calling thread reads and hashes, and bounds the memory in use.
+BLOCKS_PER_THREAD = 2
+
 _MTIME = 1
-_GZIP_WBITS = 16 + 15
+_TAR_BLOCK = 512
+#: gzip member header: magic, deflate, no flags, mtime 0, no extra flags, OS unknown.
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+#: A final, empty fixed-Huffman deflate block: ends the stream.
+_FINAL_BLOCK = b"\x03\x00"
 
 
 @dataclass(frozen=True)
@@ -60,40 +111,318 @@ class Entry:
     kind: str  # "dir", "file" or "symlink"
 
 
-class _LayerSink:
-    """Hashes the tar stream, compresses it in fixed blocks, hashes the gzip."""
+@dataclass(frozen=True)
+class Deflate:
+    """How layers are compressed.
 
-    def __init__(self, out: object, level: int) -> None:
-        self._write_out = out.write  # type: ignore[attr-defined]
-        self.diff_id = hashlib.sha256()
+    ``engine`` names a deflate implementation (a key of
+    :data:`ENGINE_LEVELS`), ``level`` its compression level, ``threads``
+    how many blocks may be compressed at once, and ``read_size`` the
+    largest read from a file.  Engine and level decide the bytes;
+    ``threads`` and ``read_size`` only the speed.
+    """
+
+    engine: str = DEFAULT_ENGINE
+    level: int = 1
+    threads: int = 1
+    read_size: int = READ_SIZE
+
+    def __post_init__(self) -> None:
+        levels = ENGINE_LEVELS.get(self.engine)
+        if levels is None:
+            raise ValueError(
+                f"unknown deflate engine {self.engine!r}; one of {', '.join(ENGINE_LEVELS)}"
+            )
+        if self.level not in levels:
+            raise ValueError(
+                f"{self.engine} levels are {min(levels)} to {max(levels)}, got {self.level}"
+            )
+        if self.threads < 1:
+            raise ValueError(f"deflate threads must be at least 1, got {self.threads}")
+        if self.read_size < _TAR_BLOCK:
+            raise ValueError(f"the read size must be at least {_TAR_BLOCK}, got {self.read_size}")
+
+
+# ---------------------------------------------------------------------------
+# Deflate engines: (block, dictionary) -> (raw deflate ending in a sync flush, crc32)
+
+BlockCompressor = Callable[[memoryview, bytes], tuple[bytes, int]]
+
+
+def block_compressor(engine: str, level: int) -> BlockCompressor:
+    """The function that deflates one block for ``engine`` at ``level``.
+
+    It is safe to call from many threads at once; each call starts from a
+    fresh deflate state primed with ``dictionary``, and every engine
+    releases the GIL while it compresses.
+    """
+    Deflate(engine, level)  # validates
+    if engine == "isal":
+        return _isal_compressor(level)
+    if engine == "zlib":
+        return _zlib_compressor(zlib, level)
+    import zlib_ng.zlib_ng  # optional: the "bench" extra installs it
+
+    return _zlib_compressor(zlib_ng.zlib_ng, level)
+
+
+def engine_available(engine: str) -> bool:
+    """Whether ``engine`` can be used on this installation."""
+    if engine != "zlib-ng":
+        return engine in ENGINE_LEVELS
+    try:
+        import zlib_ng.zlib_ng  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _isal_compressor(level: int) -> BlockCompressor:
+    # python-isal's helper for its own threaded gzip writer: one call that
+    # resets the stream, sets the dictionary, deflates with a sync flush and
+    # computes the CRC, all without the GIL.  Level 0 codes everything with
+    # one fixed table, so random data can grow by a fifth: the buffer is
+    # sized for deflate's worst case.
+    local = threading.local()
+
+    def compress(block: memoryview, dictionary: bytes) -> tuple[bytes, int]:
+        compressor = getattr(local, "compressor", None)
+        if compressor is None:
+            compressor = isal_zlib._ParallelCompress(buffersize=2 * BLOCK_SIZE + 1024, level=level)
+            local.compressor = compressor
+        compressed, crc = compressor.compress_and_crc(block, dictionary)
+        return compressed, crc
+
+    return compress
+
+
+def _zlib_compressor(module: object, level: int) -> BlockCompressor:
+    compressobj = module.compressobj  # type: ignore[attr-defined]
+    deflated, sync_flush = module.DEFLATED, module.Z_SYNC_FLUSH  # type: ignore[attr-defined]
+
+    def compress(block: memoryview, dictionary: bytes) -> tuple[bytes, int]:
+        if dictionary:
+            stream = compressobj(level, deflated, -15, zdict=dictionary)
+        else:
+            stream = compressobj(level, deflated, -15)
+        compressed = stream.compress(block) + stream.flush(sync_flush)
+        return compressed, isal_zlib.crc32(block)
+
+    return compress
+
+
+# ---------------------------------------------------------------------------
+# The gzip side: blocks in, one gzip member out, hashed and counted.
+
+
+class _GzipBlocks:
+    """Deflates tar blocks (in threads) and writes them in order as one gzip member."""
+
+    def __init__(self, out: BinaryIO, deflate: Deflate) -> None:
+        self._write_out = out.write
+        self._compress = block_compressor(deflate.engine, deflate.level)
+        self._threads = deflate.threads
+        self._max_in_flight = deflate.threads * BLOCKS_PER_THREAD
+        self._executor: ThreadPoolExecutor | None = None
+        self._in_flight: deque[tuple[Future[tuple[bytes, int]], bytearray, int]] = deque()
+        self.spare: list[bytearray] = []
         self.digest = hashlib.sha256()
         self.size = 0
-        self._compressor = isal_zlib.compressobj(level, isal_zlib.DEFLATED, _GZIP_WBITS)
-        self._pending = bytearray()
+        self._crc = 0
+        self._tar_size = 0
+        self._emit(_GZIP_HEADER)
 
-    def write(self, data: bytes | memoryview) -> None:
-        self.diff_id.update(data)
-        pending = self._pending
-        pending += data
-        if len(pending) >= BLOCK_SIZE:
-            view = memoryview(pending)
-            whole = len(pending) - len(pending) % BLOCK_SIZE
-            for start in range(0, whole, BLOCK_SIZE):
-                self._emit(self._compressor.compress(view[start : start + BLOCK_SIZE]))
-            view.release()
-            del pending[:whole]
-
-    def _emit(self, compressed: bytes) -> None:
-        if compressed:
-            self.digest.update(compressed)
-            self.size += len(compressed)
-            self._write_out(compressed)
+    def submit(self, block: bytearray, length: int, dictionary: bytes) -> None:
+        """Deflate ``block[:length]``; ``block`` is handed over until it comes back in ``spare``."""
+        view = memoryview(block)[:length]
+        if self._threads == 1:
+            self._finish_block(*self._compress(view, dictionary), length)
+            self.spare.append(block)
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self._threads, "deflate")
+        while len(self._in_flight) >= self._max_in_flight:
+            self._collect_oldest()
+        future = self._executor.submit(self._compress, view, dictionary)
+        self._in_flight.append((future, block, length))
 
     def finish(self) -> None:
-        if self._pending:
-            self._emit(self._compressor.compress(bytes(self._pending)))
-            self._pending.clear()
-        self._emit(self._compressor.flush())
+        """Wait for every block, then end the deflate stream and the gzip member."""
+        while self._in_flight:
+            self._collect_oldest()
+        self._emit(_FINAL_BLOCK)
+        self._emit(struct.pack("<II", self._crc, self._tar_size & 0xFFFFFFFF))
+
+    def close(self) -> None:
+        """Stop the worker threads (after an error, without waiting for queued blocks)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def _collect_oldest(self) -> None:
+        future, block, length = self._in_flight.popleft()
+        compressed, crc = future.result()
+        self._finish_block(compressed, crc, length)
+        self.spare.append(block)
+
+    def _finish_block(self, compressed: bytes, crc: int, length: int) -> None:
+        self._crc = isal_zlib.crc32_combine(self._crc, crc, length)
+        self._tar_size += length
+        self._emit(compressed)
+
+    def _emit(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.size += len(data)
+        self._write_out(data)
+
+
+# ---------------------------------------------------------------------------
+# The tar side: entries in, fixed-size blocks out.
+
+
+class _TarBlocks:
+    """Builds the tar stream straight into fixed-size blocks and hashes it."""
+
+    def __init__(self, gzip: _GzipBlocks, read_size: int) -> None:
+        self._gzip = gzip
+        self._read_size = read_size
+        self.diff_id = hashlib.sha256()
+        self._block = bytearray(BLOCK_SIZE)
+        self._view = memoryview(self._block)
+        self._fill = 0
+        self._dictionary = b""
+
+    def write(self, data: bytes) -> None:
+        """Append ``data`` (headers, padding) to the stream."""
+        start = 0
+        while start < len(data):
+            n = min(len(data) - start, BLOCK_SIZE - self._fill)
+            self._view[self._fill : self._fill + n] = data[start : start + n]
+            self._fill += n
+            start += n
+            if self._fill == BLOCK_SIZE:
+                self._ship()
+
+    def write_file(self, file: io.FileIO, size: int, source: str) -> None:
+        """Append ``size`` bytes of ``file``, read directly into the blocks."""
+        remaining = size
+        while remaining:
+            want = min(remaining, self._read_size, BLOCK_SIZE - self._fill)
+            n = file.readinto(self._view[self._fill : self._fill + want])
+            if not n:
+                raise OSError(f"{source} shrank while being layered")
+            self._fill += n
+            remaining -= n
+            if self._fill == BLOCK_SIZE:
+                self._ship()
+
+    def finish(self) -> None:
+        if self._fill:
+            self._ship()
+        self._view.release()
+
+    def _ship(self) -> None:
+        block, length = self._block, self._fill
+        self.diff_id.update(self._view[:length])
+        dictionary = bytes(self._view[max(0, length - WINDOW_SIZE) : length])
+        self._view.release()
+        self._gzip.submit(block, length, self._dictionary)
+        self._dictionary = dictionary
+        self._block = self._gzip.spare.pop() if self._gzip.spare else bytearray(BLOCK_SIZE)
+        self._view = memoryview(self._block)
+        self._fill = 0
+
+
+# ---------------------------------------------------------------------------
+# Tar headers, built by hand (see the module docstring).
+
+
+def _octal(value: int, width: int) -> bytes:
+    return b"%0*o\0" % (width - 1, value)
+
+
+def _field(text: bytes, width: int) -> bytes:
+    return text[:width].ljust(width, b"\0")
+
+
+def _ustar(name: bytes, mode: int, size: int, mtime: int, kind: bytes, link: bytes) -> bytes:
+    header = b"".join(
+        (
+            _field(name, 100),
+            _octal(mode & 0o7777, 8),
+            b"0000000\0",  # uid
+            b"0000000\0",  # gid
+            _octal(size, 12),
+            _octal(mtime, 12),
+            b"        ",  # checksum, counted as spaces
+            kind,
+            _field(link, 100),
+            b"ustar\x0000",
+            bytes(32 + 32 + 8 + 8 + 155),  # uname, gname, devmajor, devminor, prefix
+        )
+    ).ljust(_TAR_BLOCK, b"\0")
+    checksum = b"%06o\0" % sum(header)
+    return header[:148] + checksum + header[155:]
+
+
+def _pax_records(records: list[tuple[bytes, bytes]]) -> bytes:
+    """Pax records, ``"<length> <key>=<value>\\n"`` with the length counting itself."""
+    out = []
+    for key, value in records:
+        body = len(key) + len(value) + 3  # " ", "=", "\n"
+        length = body
+        while length != body + len(str(length)):
+            length = body + len(str(length))
+        out.append(b"%d %s=%s\n" % (length, key, value))
+    return b"".join(out)
+
+
+def tar_header(name: str, kind: str, mode: int, size: int = 0, link: str = "") -> bytes:
+    """The header block(s) of one entry, as ``tarfile`` writes them in pax format.
+
+    ``kind`` is ``"dir"`` (``name`` gets a trailing ``/``), ``"file"`` or
+    ``"symlink"``.  Names are ``str`` as ``os.listdir`` returns them:
+    bytes that are not UTF-8 come back unchanged (surrogate escapes).
+    """
+    if kind == "dir":
+        name += "/"
+    type_flag = {"dir": b"5", "file": b"0", "symlink": b"2"}[kind]
+    pax: list[tuple[str, str]] = []
+    if not name.isascii() or len(name) > 100:
+        pax.append(("path", name))
+    if not link.isascii() or len(link) > 100:
+        pax.append(("linkpath", link))
+    ustar_size = size
+    if size >= 8**11:
+        pax.append(("size", str(size)))
+        ustar_size = 0
+    name_field = name.encode("ascii", "replace")
+    link_field = link.encode("ascii", "replace")
+    entry = _ustar(name_field, mode, ustar_size, _MTIME, type_flag, link_field)
+    if not pax:
+        return entry
+    binary = not all(_utf8_ok(value) for _, value in pax)
+    records = [(b"hdrcharset", b"BINARY")] if binary else []
+    records += [
+        (key.encode(), value.encode("utf-8", "surrogateescape" if binary else "strict"))
+        for key, value in pax
+    ]
+    payload = _pax_records(records)
+    padding = bytes(-len(payload) % _TAR_BLOCK)
+    extended = _ustar(b"././@PaxHeader", 0, len(payload), 0, b"x", b"")
+    return extended + payload + padding + entry
+
+
+def _utf8_ok(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------
+# Entries
 
 
 def store_path_entries(store_paths: Iterable[str]) -> Iterator[Entry]:
@@ -129,56 +458,58 @@ def _walk(source: str, name: str) -> Iterator[Entry]:
         raise ValueError(f"{source}: only files, directories and symlinks can be layered")
 
 
-def _header(entry: Entry, size: int, linkname: str = "") -> bytes:
-    info = tarfile.TarInfo(entry.name + ("/" if entry.kind == "dir" else ""))
-    info.mode = entry.mode
-    info.mtime = _MTIME
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    if entry.kind == "dir":
-        info.type = tarfile.DIRTYPE
-    elif entry.kind == "symlink":
-        info.type = tarfile.SYMTYPE
-        info.linkname = linkname
-    else:
-        info.type = tarfile.REGTYPE
-        info.size = size
-    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-
-
-def write_tar(entries: Iterable[Entry], sink: _LayerSink) -> None:
-    """Write a deterministic tar stream of ``entries`` into ``sink``."""
-    buffer = bytearray(READ_SIZE)
-    view = memoryview(buffer)
+def _write_tar(entries: Iterable[Entry], tar: _TarBlocks) -> None:
     for entry in entries:
-        if entry.kind == "symlink":
-            assert entry.source is not None
-            sink.write(_header(entry, 0, os.readlink(entry.source)))
-        elif entry.kind == "dir":
-            sink.write(_header(entry, 0))
-        else:
+        if entry.kind == "file":
             assert entry.source is not None
             with open(entry.source, "rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size
-                sink.write(_header(entry, size))
-                remaining = size
-                while remaining:
-                    n = f.readinto(view[: min(READ_SIZE, remaining)])
-                    if not n:
-                        raise OSError(f"{entry.source} shrank while being layered")
-                    sink.write(view[:n])
-                    remaining -= n
-            if size % tarfile.BLOCKSIZE:
-                sink.write(bytes(tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE))
-    sink.write(bytes(2 * tarfile.BLOCKSIZE))
+                tar.write(tar_header(entry.name, "file", entry.mode, size))
+                tar.write_file(f, size, entry.source)
+            if size % _TAR_BLOCK:
+                tar.write(bytes(_TAR_BLOCK - size % _TAR_BLOCK))
+        elif entry.kind == "symlink":
+            assert entry.source is not None
+            tar.write(tar_header(entry.name, "symlink", entry.mode, 0, os.readlink(entry.source)))
+        else:
+            tar.write(tar_header(entry.name, "dir", entry.mode))
+    tar.write(bytes(2 * _TAR_BLOCK))
 
 
-def write_layer(cas: CAS, entries: Iterable[Entry], level: int) -> LayerBlob:
-    """Stream ``entries`` as a gzipped tar into the CAS; return the blob."""
+def write_layer_to(out: BinaryIO, entries: Iterable[Entry], deflate: Deflate) -> LayerBlob:
+    """Write ``entries`` as a gzipped tar to ``out``; return its digest, diff_id and size."""
+    gzip = _GzipBlocks(out, deflate)
+    try:
+        tar = _TarBlocks(gzip, deflate.read_size)
+        _write_tar(entries, tar)
+        tar.finish()
+        gzip.finish()
+    finally:
+        gzip.close()
+    return LayerBlob(
+        digest="sha256:" + gzip.digest.hexdigest(),
+        diff_id="sha256:" + tar.diff_id.hexdigest(),
+        size=gzip.size,
+    )
+
+
+def write_layer(
+    cas: CAS,
+    entries: Iterable[Entry],
+    level: int | None = None,
+    *,
+    deflate: Deflate | None = None,
+) -> LayerBlob:
+    """Stream ``entries`` as a gzipped tar into the CAS; return the blob.
+
+    ``deflate`` says how to compress; ``level`` alone means the default
+    engine at that level, on one thread.
+    """
+    if deflate is None:
+        deflate = Deflate(level=1 if level is None else level)
+    elif level is not None and level != deflate.level:
+        raise ValueError("give the level in deflate, not both")
     with cas.writer() as blob:
-        sink = _LayerSink(blob.file, level)
-        write_tar(entries, sink)
-        sink.finish()
-        digest = "sha256:" + sink.digest.hexdigest()
-        blob.commit(digest)
-    return LayerBlob(digest=digest, diff_id="sha256:" + sink.diff_id.hexdigest(), size=sink.size)
+        layer = write_layer_to(blob.file, entries, deflate)
+        blob.commit(layer.digest)
+    return layer

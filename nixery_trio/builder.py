@@ -261,9 +261,9 @@ class Builder:
             return cached
         started = time.monotonic()
         blob = await trio.to_thread.run_sync(
-            archive.write_layer, self.cas, entries(), self.config.gzip_level,
+            partial(archive.write_layer, self.cas, entries(), deflate=self.config.deflate),
             limiter=self._threads,
-        )  # fmt: skip
+        )
         await trio.to_thread.run_sync(self.layer_cache.put, key, blob)
         logs.info(
             "layer.built",

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .archive import ENGINE_LEVELS, READ_SIZE, Deflate, engine_available
 from .errors import ConfigError
 from .sources import ChannelSource, GitSource, PathSource, Source
 
@@ -34,6 +35,14 @@ class Config:
     max_packages: int
     gzip_level: int
     build_threads: int
+    deflate_engine: str = "isal"
+    deflate_threads: int = 1
+    read_size: int = READ_SIZE
+
+    @property
+    def deflate(self) -> Deflate:
+        """How the layer writer compresses (see ``archive.Deflate``)."""
+        return Deflate(self.deflate_engine, self.gzip_level, self.deflate_threads, self.read_size)
 
 
 @dataclass(frozen=True)
@@ -64,8 +73,28 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--nix-dir", "NIXERY_NIX_DIR", "Directory holding prepare-image.nix."),
     Setting("--layer-budget", "NIXERY_LAYER_BUDGET", "Maximum layers per image.", "94"),
     Setting("--max-packages", "NIXERY_MAX_PACKAGES", "Maximum packages per image.", "64"),
-    Setting("--gzip-level", "NIXERY_GZIP_LEVEL", "ISA-L deflate level, 0 to 3.", "1"),
+    Setting(
+        "--gzip-level",
+        "NIXERY_GZIP_LEVEL",
+        "Deflate level: 0 to 3 for isal, 1 to 9 for zlib and zlib-ng.",
+        "1",
+    ),
     Setting("--build-threads", "NIXERY_BUILD_THREADS", "Threads writing layers (0: cores).", "0"),
+    Setting(
+        "--deflate-engine",
+        "NIXERY_DEFLATE_ENGINE",
+        "Deflate engine: isal, zlib or zlib-ng (needs the zlib-ng package).",
+        "isal",
+    ),
+    Setting(
+        "--deflate-threads",
+        "NIXERY_DEFLATE_THREADS",
+        "Threads compressing the blocks of one layer (0: cores).",
+        "0",
+    ),
+    Setting(
+        "--read-size", "NIXERY_READ_SIZE", "Bytes per read of a file being layered.", "1048576"
+    ),
 )
 
 
@@ -135,6 +164,16 @@ def make_config(raw: dict[str, str | None]) -> Config:
     if not (nix_dir / "prepare-image.nix").is_file():
         raise ConfigError(f"{nix_dir}/prepare-image.nix not found (set NIXERY_NIX_DIR)")
     threads = _int("NIXERY_BUILD_THREADS", raw.get("build_threads") or "0", 0, 256)
+    engine = raw.get("deflate_engine") or "isal"
+    if engine not in ENGINE_LEVELS or not engine_available(engine):
+        raise ConfigError(
+            f"NIXERY_DEFLATE_ENGINE {engine!r} is not available; use "
+            + ", ".join(name for name in ENGINE_LEVELS if engine_available(name))
+        )
+    levels = ENGINE_LEVELS[engine]
+    level = _int("NIXERY_GZIP_LEVEL", raw.get("gzip_level") or "1", levels[0], levels[-1])
+    deflate_threads = _int("NIXERY_DEFLATE_THREADS", raw.get("deflate_threads") or "0", 0, 256)
+    read_size = _int("NIXERY_READ_SIZE", raw.get("read_size") or str(READ_SIZE), 512, 1 << 30)
     return Config(
         host=host,
         port=port,
@@ -145,6 +184,9 @@ def make_config(raw: dict[str, str | None]) -> Config:
         nix_dir=nix_dir,
         layer_budget=_int("NIXERY_LAYER_BUDGET", raw.get("layer_budget") or "94", 1, 124),
         max_packages=_int("NIXERY_MAX_PACKAGES", raw.get("max_packages") or "64", 1, 1000),
-        gzip_level=_int("NIXERY_GZIP_LEVEL", raw.get("gzip_level") or "1", 0, 3),
+        gzip_level=level,
         build_threads=threads or (os.cpu_count() or 1),
+        deflate_engine=engine,
+        deflate_threads=deflate_threads or (os.cpu_count() or 1),
+        read_size=read_size,
     )

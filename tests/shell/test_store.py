@@ -6,16 +6,21 @@ import gzip
 import hashlib
 import io
 import os
+import random
 import subprocess
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nixery_trio import archive
 from nixery_trio.cache import LayerCache, ManifestCache, RecordIndex
 from nixery_trio.cas import CAS
-from nixery_trio.errors import StorageError
+from nixery_trio.config import make_config
+from nixery_trio.errors import ConfigError, StorageError
 from nixery_trio.manifest import LayerBlob
 
 
@@ -148,3 +153,143 @@ def test_caches_never_point_at_missing_blobs(tmp_path: Path, cas: CAS) -> None:
     cas.path(digest).unlink()
     assert layers.get("key") is None
     assert manifests.get("image") is None
+
+
+# --- the threaded deflate: the same bytes whatever the threads and their timing
+
+
+@pytest.fixture
+def multi_block_paths(tmp_path: Path) -> list[str]:
+    """A store path spanning several deflate blocks: text, random data, many small files."""
+    root = tmp_path / "nix" / "store" / "cccccccccccccccccccccccccccccccc-multi"
+    (root / "small").mkdir(parents=True)
+    rng = random.Random(7)
+    words = [bytes(rng.choices(range(97, 123), k=rng.randint(2, 9))) for _ in range(500)]
+    (root / "text").write_bytes(b" ".join(rng.choices(words, k=600_000)))
+    (root / "noise").write_bytes(rng.randbytes(archive.BLOCK_SIZE + 4321))
+    for i in range(300):
+        (root / "small" / f"f{i:03}").write_bytes(rng.choice(words) * rng.randint(1, 400))
+    return [str(root)]
+
+
+def _layer(paths: list[str], deflate: archive.Deflate) -> tuple[bytes, LayerBlob]:
+    out = io.BytesIO()
+    blob = archive.write_layer_to(out, archive.store_path_entries(paths), deflate)
+    return out.getvalue(), blob
+
+
+def _out_of_order(compress: archive.BlockCompressor, blocks: int) -> archive.BlockCompressor:
+    """Make every even-numbered block finish only after the block after it has."""
+    lock = threading.Lock()
+    calls = 0
+    done: dict[int, threading.Event] = {}
+
+    def held(block: memoryview, dictionary: bytes) -> tuple[bytes, int]:
+        nonlocal calls
+        with lock:
+            index, calls = calls, calls + 1
+            pair = done.setdefault(index // 2, threading.Event())
+        result = compress(block, dictionary)
+        if index % 2 == 0:
+            if index + 1 < blocks:
+                assert pair.wait(timeout=10)
+        else:
+            pair.set()
+        return result
+
+    return held
+
+
+@pytest.mark.parametrize("engine", ["isal", "zlib"])
+def test_threaded_deflate_is_byte_identical(
+    multi_block_paths: list[str], engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    level = 1
+    reference, blob = _layer(multi_block_paths, archive.Deflate(engine, level, threads=1))
+    tar_bytes = gzip.decompress(reference)
+    assert len(tar_bytes) > 3 * archive.BLOCK_SIZE
+    assert blob.diff_id == "sha256:" + hashlib.sha256(tar_bytes).hexdigest()
+    assert blob.digest == "sha256:" + hashlib.sha256(reference).hexdigest()
+    subprocess.run(["gzip", "-t"], input=reference, check=True)
+    listing = subprocess.run(["tar", "-tzf", "-"], input=reference, capture_output=True, check=True)
+    assert listing.stdout.count(b"\n") == 2 + 2 + 300 + 2  # nix/store, 2 dirs, 302 files
+    for threads, read_size in [(2, 4096), (3, archive.READ_SIZE), (8, 100_000)]:
+        data, again = _layer(multi_block_paths, archive.Deflate(engine, level, threads, read_size))
+        assert (data, again) == (reference, blob), (threads, read_size)
+
+    # Blocks that finish out of order still come out in order.
+    real = archive.block_compressor
+    blocks = -(-len(tar_bytes) // archive.BLOCK_SIZE)
+    monkeypatch.setattr(
+        archive, "block_compressor", lambda e, lv: _out_of_order(real(e, lv), blocks)
+    )
+    data, again = _layer(multi_block_paths, archive.Deflate(engine, level, threads=2))
+    assert (data, again) == (reference, blob)
+
+
+def test_every_level_makes_a_valid_stream(multi_block_paths: list[str]) -> None:
+    tar_bytes = None
+    for level in archive.ENGINE_LEVELS["isal"]:
+        data, _ = _layer(multi_block_paths, archive.Deflate("isal", level, threads=2))
+        subprocess.run(["gzip", "-t"], input=data, check=True)
+        tar_bytes = tar_bytes or gzip.decompress(data)
+        assert gzip.decompress(data) == tar_bytes
+
+
+def test_deflate_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="unknown deflate engine"):
+        archive.Deflate("lz4")
+    with pytest.raises(ValueError, match="isal levels are 0 to 3"):
+        archive.Deflate("isal", 6)
+    with pytest.raises(ValueError, match="threads"):
+        archive.Deflate(threads=0)
+
+
+def test_deflate_knobs_come_from_the_configuration(tmp_path: Path) -> None:
+    config = make_config(
+        {
+            "storage_path": str(tmp_path),
+            "pkgs_path": str(tmp_path),
+            "deflate_engine": "zlib",
+            "gzip_level": "6",
+            "deflate_threads": "3",
+            "read_size": "65536",
+        }
+    )
+    assert config.deflate == archive.Deflate("zlib", 6, 3, 65536)
+    default = make_config({"storage_path": str(tmp_path), "pkgs_path": str(tmp_path)})
+    assert default.deflate == archive.Deflate("isal", 1, os.cpu_count() or 1, archive.READ_SIZE)
+    with pytest.raises(ConfigError, match="NIXERY_GZIP_LEVEL"):
+        make_config({"storage_path": "/x", "pkgs_path": str(tmp_path), "gzip_level": "6"})
+    with pytest.raises(ConfigError, match="NIXERY_DEFLATE_ENGINE"):
+        make_config({"storage_path": "/x", "pkgs_path": str(tmp_path), "deflate_engine": "lz4"})
+
+
+# --- tar headers: byte for byte what the standard library writes
+
+_names = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\0/")
+    | st.sampled_from(["\udcff", "é", "a"]),
+    min_size=1,
+    max_size=40,
+)
+
+
+@given(
+    parts=st.lists(_names, min_size=1, max_size=6),
+    kind=st.sampled_from(["dir", "file", "symlink"]),
+    mode=st.integers(0, 0o7777),
+    size=st.sampled_from([0, 1, 511, 512, 8**11 - 1, 8**11, 10**12]),
+    link=_names | st.text(min_size=90, max_size=120),
+)
+def test_tar_headers_match_tarfile(
+    parts: list[str], kind: str, mode: int, size: int, link: str
+) -> None:
+    name = "/".join(parts)
+    info = tarfile.TarInfo(name + ("/" if kind == "dir" else ""))
+    info.mode, info.mtime, info.uid, info.gid, info.uname, info.gname = mode, 1, 0, 0, "", ""
+    info.type = {"dir": tarfile.DIRTYPE, "file": tarfile.REGTYPE, "symlink": tarfile.SYMTYPE}[kind]
+    info.size = size if kind == "file" else 0
+    info.linkname = link if kind == "symlink" else ""
+    expected = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    assert archive.tar_header(name, kind, mode, info.size, info.linkname) == expected
