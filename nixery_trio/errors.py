@@ -109,6 +109,20 @@ class StorageError(RegistryError):
     status = 500
 
 
+class HeadersTooLarge(RegistryError):
+    """The request's headers exceed what a registry client ever sends."""
+
+    code = "HEADERS_TOO_LARGE"
+    status = 431
+
+
+class InternalError(RegistryError):
+    """A bug or an unexpected failure; the message names the exception."""
+
+    code = "INTERNAL_ERROR"
+    status = 500
+
+
 class ConfigError(Exception):
     """Invalid start-up configuration; never reaches an HTTP client."""
 

@@ -121,9 +121,7 @@ def parse_image(name: str, tag: str, *, max_packages: int = 64) -> Image:
 
     Raise :class:`NameInvalid` or :class:`TagInvalid` for bad input.
     """
-    problem = _name_problem(name)
-    if problem is not None:
-        raise NameInvalid(f"invalid image name {name!r}: {problem}", detail={"name": name})
+    validate_name(name)
     if _TAG_RE.fullmatch(tag) is None:
         raise TagInvalid(
             f"invalid tag {tag!r}: a tag is 1 to 128 of [a-zA-Z0-9._-], "
@@ -155,6 +153,16 @@ def parse_image(name: str, tag: str, *, max_packages: int = 64) -> Image:
             detail={"name": name, "packages": len(packages), "max_packages": max_packages},
         )
     return Image(name=name, tag=tag, packages=packages, arch=arch)
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` if it is a valid repository name; else raise NameInvalid."""
+    problem = _name_problem(name)
+    if problem is not None:
+        raise NameInvalid(
+            f"invalid image name {name[:300]!r}: {problem}", detail={"name": name[:300]}
+        )
+    return name
 
 
 def _name_problem(name: str) -> str | None:

@@ -20,7 +20,6 @@ Blobs are served by ``blobs.py``.
 from __future__ import annotations
 
 import json
-import re
 
 from quart import Response, request
 from quart_trio import QuartTrio
@@ -28,20 +27,21 @@ from quart_trio import QuartTrio
 from . import __version__, logs
 from .blobs import blob_response
 from .builder import Builder, Manifest
-from .digest import parse_digest
 from .errors import (
     BadRequest,
-    NameInvalid,
+    HeadersTooLarge,
+    InternalError,
     NotFound,
     RegistryError,
     Unsupported,
 )
+from .routes import Kind, parse_route
 from .version import source_version
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
+#: Registry clients send a few hundred bytes of headers; refuse the absurd.
+MAX_HEADER_BYTES = 32 * 1024
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-_ENDPOINT = re.compile(r"(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<reference>[^/]+)")
-_ENCODED_SEPARATOR = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
 
 
 def error_response(exc: RegistryError, extra_headers: dict[str, str] | None = None) -> Response:
@@ -82,7 +82,7 @@ def create_app(builder: Builder) -> QuartTrio:
         if isinstance(status, int) and 400 <= status < 500:  # werkzeug HTTP errors
             return error_response(_http_error(status, exc))
         logs.error("request.failed", path=request.path, error=repr(exc), exc_info=True)
-        failure = RegistryError(
+        failure = InternalError(
             f"internal error: {type(exc).__name__}: {exc}", {"type": type(exc).__name__}
         )
         return error_response(failure)
@@ -94,29 +94,25 @@ def create_app(builder: Builder) -> QuartTrio:
             raise Unsupported(
                 f"method {request.method} is not supported: this registry is read-only"
             )
+        header_bytes = sum(len(k) + len(v) for k, v in request.scope["headers"])
+        if header_bytes > MAX_HEADER_BYTES:
+            raise HeadersTooLarge(
+                f"request headers of {header_bytes} bytes; at most {MAX_HEADER_BYTES} are accepted"
+            )
         raw_path = request.scope.get("raw_path", b"").decode("latin-1")
-        if _ENCODED_SEPARATOR.search(raw_path):
-            raise NameInvalid("encoded '/', '\\' or NUL characters are not allowed in paths")
-        if rest == "":
-            response = Response(b"{}", status=200, content_type="application/json")
-            response.headers[API_VERSION_HEADER[0]] = API_VERSION_HEADER[1]
-            return response
-        if rest.endswith("/tags/list"):
-            return _tags(builder, rest.removesuffix("/tags/list"))
-        match = _ENDPOINT.fullmatch(rest)
-        if match is None:
-            raise NotFound(f"/v2/{rest[:200]} is not an endpoint of this registry")
-        name, kind, reference = match.group("name", "kind", "reference")
+        route = parse_route(rest, raw_path)
         head = request.method == "HEAD"
-        if kind == "blobs":
-            builder.parse(name, "latest")
-            digest = parse_digest(reference)
-            return await blob_response(builder.cas, digest, head, request.headers.get("Range"))
-        if ":" in reference:
-            builder.parse(name, "latest")
-            manifest = await builder.manifest_for_digest(parse_digest(reference))
+        if route.kind is Kind.BASE:
+            return Response(b"{}", status=200, content_type="application/json")
+        if route.kind is Kind.TAGS:
+            return _tags(route.name)
+        if route.kind is Kind.BLOB:
+            range_header = request.headers.get("Range")
+            return await blob_response(builder.cas, route.reference, head, range_header)
+        if route.by_digest:
+            manifest = await builder.manifest_for_digest(route.reference)
         else:
-            manifest = await builder.manifest_for_tag(name, reference)
+            manifest = await builder.manifest_for_tag(route.name, route.reference)
         return _manifest_response(manifest, head)
 
     @app.route("/", methods=ALL_METHODS)
@@ -141,8 +137,7 @@ def _http_error(status: int, exc: Exception) -> RegistryError:
     return BadRequest(f"bad request: {exc}")
 
 
-def _tags(builder: Builder, name: str) -> Response:
+def _tags(name: str) -> Response:
     """Every name can be built as ``latest``; other tags depend on the source."""
-    builder.parse(name, "latest")
     body = json.dumps({"name": name, "tags": ["latest"]}).encode()
     return Response(body, status=200, content_type="application/json")

@@ -196,3 +196,43 @@ def test_log_lines_are_json_with_severity(server: Server) -> None:
         assert entry["severity"] in {"DEBUG", "INFO", "WARNING", "ERROR"}
     started = server.events("server.started")[0]
     assert len(started["version"]) == 16
+
+
+def test_absurd_headers_are_refused_in_registry_format(server: Server) -> None:
+    response = get(server, "/v2/hello/manifests/latest", headers={"X-Big": "a" * 40_000})
+    assert_error(response, 431, "HEADERS_TOO_LARGE")
+    assert get(server, "/v2/").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/%2e%2e/manifests/latest",
+        "/v2/hello/%2e%2e/%2e%2e/manifests/latest",
+        "/v2//etc/passwd/manifests/latest",
+        "/v2/hello/blobs/sha256:..%2f..%2fetc",
+        "/v2/hello/blobs/sha256%3a" + "0" * 64 + "%2f..",
+        "/v2/" + "a" * 256 + "/manifests/latest",
+        "/v2/hello%22/manifests/latest",
+        "/v2/hello/manifests/latest%00",
+    ],
+)
+def test_traversal_attempts_write_nothing(server: Server, path: str) -> None:
+    before = sorted(p.name for p in (server.storage / "blobs" / "sha256").iterdir())
+    response = raw_get(server, path)
+    assert 400 <= response.status_code < 500, response.text
+    assert response.json()["errors"][0]["code"] in {"NAME_INVALID", "DIGEST_INVALID",
+                                                    "TAG_INVALID", "NOT_FOUND"}  # fmt: skip
+    assert sorted(p.name for p in (server.storage / "blobs" / "sha256").iterdir()) == before
+
+
+@pytest.mark.parametrize("method", ["OPTIONS", "TRACE", "FOO", "PROPFIND"])
+def test_odd_methods_are_unsupported(server: Server, method: str) -> None:
+    assert_error(raw_get(server, "/v2/hello/manifests/latest", method), 405, "UNSUPPORTED")
+
+
+@pytest.mark.parametrize("header", ["bytes=0-1,4-5", "bytes=9-2", "bytes=x-y", "chars=0-1"])
+def test_bad_ranges(server: Server, header: str) -> None:
+    manifest = get(server, "/v2/hello/manifests/latest").json()
+    path = f"/v2/hello/blobs/{manifest['layers'][0]['digest']}"
+    assert_error(get(server, path, headers={"Range": header}), 416, "RANGE_INVALID")
