@@ -35,7 +35,7 @@ from . import archive, logs, nix
 from .cache import LayerCache, ManifestCache
 from .cas import CAS
 from .config import Config
-from .errors import BuildFailed, ManifestUnknown
+from .errors import BuildFailed, ManifestUnknown, RegistryError
 from .image import Image, parse_image
 from .layers import group_layers
 from .manifest import DOCKER_MANIFEST, LayerBlob, build_config, build_manifest, manifest_refs
@@ -90,6 +90,23 @@ class SingleFlight(Generic[T]):
         finally:
             del self._flights[key]
             flight.done.set()
+
+
+def first_registry_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report for a nursery's failures: its first RegistryError.
+
+    Parallel layer writes that fail together (a full disk fails them all)
+    should reach the client as the one registry error they share, not as a
+    Python exception group.
+    """
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop(0)
+        if isinstance(exc, RegistryError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+    return group
 
 
 @dataclass(frozen=True)
@@ -216,9 +233,12 @@ class Builder:
             async def fetch(index: int, key: str, entries: Entries) -> None:
                 blobs[index] = await self._layer(image, key, entries)
 
-            async with trio.open_nursery() as nursery:
-                for index, (key, entries) in enumerate(jobs):
-                    nursery.start_soon(fetch, index, key, entries)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for index, (key, entries) in enumerate(jobs):
+                        nursery.start_soon(fetch, index, key, entries)
+            except BaseExceptionGroup as group:
+                raise first_registry_error(group) from group
             written = time.monotonic()
             layer_blobs = [blob for blob in blobs if blob is not None]
             config_bytes = build_config(

@@ -26,6 +26,7 @@ import blake3
 import msgpack
 
 from .cas import CAS
+from .errors import StorageError
 from .manifest import LayerBlob
 
 _CHECKSUM = 32
@@ -66,6 +67,8 @@ class RecordIndex:
                 f.flush()
                 os.fsync(f.fileno())
             os.rename(tmp, self._path(key))
+        except OSError as exc:
+            raise StorageError(f"cannot write a cache record in {self.directory}: {exc}") from exc
         finally:
             tmp.unlink(missing_ok=True)
 
