@@ -16,9 +16,10 @@ from nixery_trio.maintenance import fsck
 from .clients import skopeo_copy, umoci_unpack
 from .server import start_server, wait_for
 
-TRIALS = 10
-#: Moments after Nix starts at which the server is killed: 0 to 0.9 s.
-DELAYS = [i * 0.1 for i in range(TRIALS)]
+#: When each trial kills the server: (event to wait for, seconds after it).
+#: Two kills land while Nix runs, eight at 0 to 70 ms into the layer writes
+#: (a layer write shows as a temporary file in the store).
+MOMENTS = [("nix", 0.0), ("nix", 0.05)] + [("write", i * 0.01) for i in range(8)]
 
 
 def doomed_pull(url: str) -> None:
@@ -29,19 +30,23 @@ def doomed_pull(url: str) -> None:
 
 def test_kill_nine_during_cold_builds(tmp_path: Path) -> None:
     interrupted = 0
-    for trial, delay in enumerate(DELAYS):
+    for trial, (event, delay) in enumerate(MOMENTS):
         workdir = tmp_path / f"trial-{trial}"
         server = start_server(workdir)
         url = f"{server.url}/v2/large/hello/manifests/latest"
         client = threading.Thread(target=doomed_pull, args=(url,), daemon=True)
         client.start()
-        wait_for(lambda server=server: server.count("nix.build"), 30, "the build to start",
-                 interval=0.005)  # fmt: skip
+        tmp = server.storage / "tmp"
+        if event == "nix":
+            wait_for(lambda server=server: server.count("nix.build"), 30, "Nix to start",
+                     interval=0.002)  # fmt: skip
+        else:
+            wait_for(lambda tmp=tmp: any(tmp.iterdir()), 30, "a layer write", interval=0.001)
         time.sleep(delay)  # the moment of the crash is what this test varies
         os.kill(server.process.pid, signal.SIGKILL)
         server.process.wait()
         client.join(60)
-        tmp_files = list((server.storage / "tmp").iterdir())
+        tmp_files = list(tmp.iterdir())
         interrupted += bool(tmp_files)
         # Even before a restart, no record points at a missing or wrong blob.
         assert fsck(server.storage) == [], f"trial {trial}"
@@ -56,4 +61,4 @@ def test_kill_nine_during_cold_builds(tmp_path: Path) -> None:
             restarted.stop()
         assert fsck(server.storage) == [], f"trial {trial} after the pull"
     # The test means something only if some kills hit a write in progress.
-    assert interrupted >= 3, f"only {interrupted} of {TRIALS} kills interrupted a write"
+    assert interrupted >= 3, f"only {interrupted} of {len(MOMENTS)} kills interrupted a write"
