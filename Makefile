@@ -12,7 +12,7 @@ export NIX_CONFIG ?= substituters =
 
 SERVE_APT := nix-bin busybox-static ca-certificates netbase git
 TEST_APT := skopeo umoci containerd runc podman crun conmon fuse-overlayfs uidmap gzip
-BENCH_APT := nginx-light wrk
+BENCH_APT := nginx-light wrk docker-registry
 
 .PHONY: help serve test bench lint system-deps test-system-deps bench-system-deps clean
 
@@ -54,13 +54,17 @@ serve: system-deps $(VENV)/.installed
 	  --storage-path $(STORAGE) --popularity-url nix/demo/popularity.json
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check nixery_trio tests benchmarks
+	$(VENV)/bin/ruff check nixery_trio tests $(wildcard benchmarks)
 	$(VENV)/bin/mypy
 
 test: test-system-deps $(VENV)/.installed lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
-bench: bench-system-deps $(VENV)/.installed
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
+	$(VENV)/bin/pip install -q -e '.[test,bench]'
+	touch $@
+
+bench: bench-system-deps $(VENV)/.bench-installed
 	$(VENV)/bin/python -m benchmarks
 
 clean:
