@@ -216,9 +216,11 @@ class Builder:
             timeout=self.config.nix_timeout,
         )
         nix_done = time.monotonic()
-        layers = group_layers(
-            result.graph, result.roots, self.popularity, budget=self.config.layer_budget
-        )
+        # Pure but CPU-bound for big closures: keep it off the event loop.
+        layers = await trio.to_thread.run_sync(
+            partial(group_layers, budget=self.config.layer_budget),
+            result.graph, result.roots, self.popularity,
+        )  # fmt: skip
         layered = time.monotonic()
         # Held shared until the manifest is recorded: gc (exclusive) cannot
         # remove a cached layer between its lookup here and the manifest.
