@@ -11,7 +11,7 @@ STORAGE ?= var
 export NIX_CONFIG ?= substituters =
 
 SERVE_APT := nix-bin busybox-static ca-certificates netbase git
-TEST_APT := skopeo umoci containerd runc podman crun conmon fuse-overlayfs uidmap gzip
+TEST_APT := skopeo umoci containerd runc podman conmon fuse-overlayfs uidmap gzip
 BENCH_APT := nginx-light wrk docker-registry
 
 .PHONY: help serve test bench lint system-deps test-system-deps bench-system-deps clean

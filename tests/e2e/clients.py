@@ -128,7 +128,8 @@ def start_containerd(workdir: Path) -> Containerd:
 def podman(
     workdir: Path, *argv: str, timeout: float = 300, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    """podman with private storage (vfs) and cgroupfs, no system config."""
+    """podman with private storage (vfs), cgroupfs and runc (crun refuses this
+    machine's hybrid cgroups)."""
     return run(
         [
             "podman",
@@ -140,6 +141,8 @@ def podman(
             "vfs",
             "--cgroup-manager",
             "cgroupfs",
+            "--runtime",
+            "runc",
             "--events-backend",
             "none",
             *argv,
