@@ -55,6 +55,8 @@ The functions here block; the builder runs them in worker threads.
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import io
 import os
 import stat
@@ -87,6 +89,8 @@ ENGINE_LEVELS: dict[str, range] = {
     "zlib": range(1, 10),
     "zlib-ng": range(1, 10),
 }
+#: zlib-ng's zlib-compatible module (optional: the ``bench`` extra installs it).
+_ZLIB_NG = "zlib_ng.zlib_ng"
 #: The deflate engine used unless configured otherwise.
 DEFAULT_ENGINE = "isal"
 #: Blocks in flight per deflate thread: enough to keep every thread busy
@@ -161,20 +165,14 @@ def block_compressor(engine: str, level: int) -> BlockCompressor:
         return _isal_compressor(level)
     if engine == "zlib":
         return _zlib_compressor(zlib, level)
-    import zlib_ng.zlib_ng  # optional: the "bench" extra installs it
-
-    return _zlib_compressor(zlib_ng.zlib_ng, level)
+    return _zlib_compressor(importlib.import_module(_ZLIB_NG), level)
 
 
 def engine_available(engine: str) -> bool:
     """Whether ``engine`` can be used on this installation."""
     if engine != "zlib-ng":
         return engine in ENGINE_LEVELS
-    try:
-        import zlib_ng.zlib_ng  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("zlib_ng") is not None
 
 
 def _isal_compressor(level: int) -> BlockCompressor:

@@ -1,0 +1,377 @@
+"""The layer pipeline: store paths -> tar -> sha256 -> gzip -> sha256 -> CAS file.
+
+Peers, in the same run on the same store paths:
+
+* the GNU pipeline ``tar -c | tee >(sha256sum) | gzip -6 | sha256sum`` (with
+  a ``tee`` that counts the gzip bytes, for the size comparison);
+* the limit: the deflate engine compressing the same tar bytes, held in
+  memory, in one call on one core, times the cores the writer may use.
+
+"MB/s" is megabytes of *input* per second: the size of our tar stream
+divided by the wall time, for every row, so all rows divide the same bytes.
+
+Run as ``python -m benchmarks.pipeline rss STORE PATH...`` it writes one
+layer and prints its peak resident memory (the parent reads it with
+``wait4``, so nothing of the benchmark itself is counted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+from isal import igzip, isal_zlib
+
+from nixery_trio import archive
+from nixery_trio.cas import CAS
+
+from .common import NIX_ENV, REPO, Check, Context, Section, mb, rate
+
+CORES = os.cpu_count() or 1
+DEFAULT = archive.Deflate(threads=CORES)
+#: The engine/level grid of the sweep.
+SWEEP = [
+    ("isal", 0),
+    ("isal", 1),
+    ("isal", 2),
+    ("isal", 3),
+    ("zlib", 1),
+    ("zlib", 6),
+    ("zlib-ng", 1),
+    ("zlib-ng", 6),
+]
+SAMPLE_BYTES = 96 << 20
+
+
+def bench_store_paths() -> dict[str, str]:
+    """nix/bench's host imports, copied into the store (first time) by evaluating them."""
+    expr = (
+        "let p = import ./nix/bench {}; "
+        "in { usr-bin = p.usr-bin.outPath; usr-lib = p.usr-lib.outPath; }"
+    )
+    done = subprocess.run(
+        ["nix-instantiate", "--read-write-mode", "--eval", "--strict", "--json", "--expr", expr],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+        env=NIX_ENV,
+    )
+    paths: dict[str, str] = json.loads(done.stdout)
+    return paths
+
+
+def quick_store_path(workdir: Path, limit: int = 24 << 20) -> str:
+    """A stand-in store path of real binaries (the first few MB of /usr/bin)."""
+    root = workdir / "nix" / "store" / ("q" * 32 + "-quick-usr-bin") / "bin"
+    root.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for entry in sorted(os.scandir("/usr/bin"), key=lambda e: e.name):
+        if entry.is_file(follow_symlinks=False) and total < limit:
+            shutil.copyfile(entry.path, root / entry.name)
+            total += entry.stat().st_size
+    return str(root.parent)
+
+
+def _cas(workdir: Path) -> CAS:
+    cas = CAS(workdir / "pipeline-cas")
+    cas.open_store()
+    return cas
+
+
+def time_ours(cas: CAS, paths: list[str], deflate: archive.Deflate) -> tuple[float, int, str]:
+    """Seconds to write the layer into the CAS (commit included); its size and digest."""
+    started = time.perf_counter()
+    blob = archive.write_layer(cas, archive.store_path_entries(paths), deflate=deflate)
+    seconds = time.perf_counter() - started
+    cas.path(blob.digest).unlink()
+    return seconds, blob.size, blob.digest
+
+
+def tar_bytes(cas: CAS, paths: list[str]) -> bytes:
+    """Our tar stream of ``paths``, exactly (via a layer, decompressed)."""
+    blob = archive.write_layer(cas, archive.store_path_entries(paths), deflate=DEFAULT)
+    data = isal_zlib.decompress(cas.path(blob.digest).read_bytes(), wbits=31)
+    cas.path(blob.digest).unlink()
+    return data
+
+
+def time_gnu(paths: list[str], workdir: Path) -> tuple[float, int]:
+    """Seconds for GNU tar | tee >(sha256sum) | gzip -6 | sha256sum, and the gzip size."""
+    size_file = workdir / "gnu-size"
+    names = " ".join(p.lstrip("/") for p in sorted(paths))
+    script = (
+        f"set -o pipefail; tar -c -C / {names} | tee >(sha256sum >/dev/null) | gzip -6 "
+        f"| tee >(wc -c > {size_file}) | sha256sum >/dev/null"
+    )
+    started = time.perf_counter()
+    subprocess.run(["bash", "-c", script], check=True)
+    seconds = time.perf_counter() - started
+    return seconds, int(size_file.read_text().split()[0])
+
+
+def raw_speed(engine: str, level: int, data: bytes) -> float:
+    """Bytes per second of the engine deflating ``data`` in one call, one thread."""
+    module = {"isal": isal_zlib, "zlib": zlib}.get(engine) or importlib.import_module(
+        "zlib_ng.zlib_ng"
+    )
+    started = time.perf_counter()
+    module.compress(data, level, -15)
+    return len(data) / (time.perf_counter() - started)
+
+
+def sha256_speed(data: bytes) -> float:
+    started = time.perf_counter()
+    hashlib.sha256(data).digest()
+    return len(data) / (time.perf_counter() - started)
+
+
+def sample_paths(paths: list[str], workdir: Path, limit: int) -> list[str]:
+    """Copies of files making up the first ``limit`` bytes: a smaller input of the same kind."""
+    root = workdir / "nix" / "store" / ("s" * 32 + "-sample")
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    total = 0
+    for entry in archive.store_path_entries(paths):
+        if entry.kind != "file" or total >= limit:
+            continue
+        assert entry.source is not None
+        target = root / entry.name.replace("/", "_")
+        shutil.copyfile(entry.source, target)
+        total += os.path.getsize(target)
+    return [str(root)]
+
+
+def median_run(
+    cas: CAS, paths: list[str], deflate: archive.Deflate, runs: int
+) -> tuple[float, int, str]:
+    results = [time_ours(cas, paths, deflate) for _ in range(runs)]
+    seconds = statistics.median(r[0] for r in results)
+    digests = {r[2] for r in results}
+    if len(digests) != 1:
+        raise AssertionError(f"{deflate} gave different digests from run to run: {digests}")
+    return seconds, results[0][1], results[0][2]
+
+
+def peak_rss(paths: list[str], workdir: Path) -> tuple[int, int]:
+    """Peak RSS (bytes) of a fresh process writing one layer of ``paths``; the tar size."""
+    argv = [sys.executable, "-m", "benchmarks.pipeline", "rss", str(workdir / "rss-cas"), *paths]
+    done = subprocess.run(argv, capture_output=True, check=True, cwd=REPO)
+    result = json.loads(done.stdout)
+    return int(result["peak_rss"]), int(result["tar_size"])
+
+
+def _rss_main(store: str, paths: list[str]) -> None:
+    cas = CAS(Path(store))
+    cas.open_store()
+    blob = archive.write_layer(cas, archive.store_path_entries(paths), deflate=DEFAULT)
+    # The kernel's high-water mark of this process's resident memory (VmHWM).
+    status = Path("/proc/self/status").read_text()
+    peak = int(status.split("VmHWM:", 1)[1].split()[0]) * 1024
+    data_size = 0
+    with igzip.open(cas.path(blob.digest), "rb") as f:
+        while chunk := f.read(1 << 20):
+            data_size += len(chunk)
+    cas.path(blob.digest).unlink()
+    print(json.dumps({"tar_size": data_size, "peak_rss": peak, "digest": blob.digest}))
+
+
+def run(ctx: Context) -> list[Section]:
+    workdir = ctx.workdir
+    cas = _cas(workdir)
+    if ctx.quick:
+        paths = [quick_store_path(workdir, 8 << 20)]
+        big = paths
+        source = "the first 8 MB of /usr/bin (quick mode)"
+    else:
+        store = bench_store_paths()
+        paths = [store["usr-bin"]]
+        big = [store["usr-bin"], store["usr-lib"]]
+        source = f"`{paths[0]}` (nix/bench `usr-bin`: the host's /usr/bin)"
+
+    data = tar_bytes(cas, paths)  # also warms the page cache for both sides
+    size = len(data)
+    raw = raw_speed(DEFAULT.engine, DEFAULT.level, data)
+    sha = sha256_speed(data)
+    gnu_seconds, gnu_size = time_gnu(paths, workdir)
+    ours_seconds, ours_size, _ = median_run(cas, paths, DEFAULT, 1 if ctx.quick else 3)
+    ours = size / ours_seconds
+    gnu = size / gnu_seconds
+    limit = raw * min(DEFAULT.threads, CORES)
+    # With both hashes, CORES cores can at best run deflate + sha256(tar) + sha256(gzip):
+    per_byte = 1 / raw + 1 / sha + (ours_size / size) / sha
+    attainable = min(DEFAULT.threads, CORES) / per_byte
+    del data
+
+    rows = [
+        ["pipeline", "input MB/s", "output", "size vs gzip -6", "note"],
+        [
+            "GNU tar \\| tee >(sha256sum) \\| gzip -6 \\| sha256sum",
+            rate(gnu),
+            mb(gnu_size),
+            "1.00",
+            "gzip -6 on one core",
+        ],
+        [
+            f"ours: {DEFAULT.engine} level {DEFAULT.level}, {DEFAULT.threads} threads (default)",
+            rate(ours),
+            mb(ours_size),
+            f"{ours_size / gnu_size:.3f}",
+            f"median of {1 if ctx.quick else 3}, into the CAS, fsync included",
+        ],
+        [
+            f"limit: {DEFAULT.engine} {DEFAULT.level} raw, 1 core x {min(DEFAULT.threads, CORES)}",
+            rate(limit),
+            "",
+            "",
+            f"one call on the tar bytes in memory: {rate(raw)} per core",
+        ],
+        [
+            "attainable with both SHA-256 passes",
+            rate(attainable),
+            "",
+            "",
+            f"sha256 {rate(sha)} per core; {attainable / limit:.0%} of the limit",
+        ],
+    ]
+    checks = [
+        Check(
+            "layer pipeline vs GNU tar|gzip -6 (input MB/s)",
+            rate(ours),
+            rate(gnu),
+            ours / gnu,
+            ">=",
+            15,
+        ),
+        Check(
+            "layer pipeline vs the limit (deflate x cores)",
+            rate(ours),
+            rate(limit),
+            ours / limit,
+            ">=",
+            0.70,
+            f"two SHA-256 passes cap any pipeline at {attainable / limit:.0%} here",
+        ),
+        Check(
+            "gzip size vs gzip -6", mb(ours_size), mb(gnu_size), ours_size / gnu_size, "<=", 1.15
+        ),
+    ]
+    sections = [
+        Section(
+            "Layer pipeline",
+            f"Input: {source}, a {mb(size)} tar stream. Both sides read the same files "
+            "from a warm page cache. Ours writes the layer into a CAS temporary file, "
+            "fsyncs and renames it; the GNU pipeline writes nothing.",
+            rows,
+            checks,
+        )
+    ]
+    sections += sweeps(ctx, cas, paths, size, gnu_size, workdir)
+    rss, big_size = peak_rss(big, workdir)
+    sections.append(
+        Section(
+            "Memory",
+            f"Peak RSS of a fresh Python process writing one layer of {mb(big_size)} "
+            f"({' + '.join(Path(p).name for p in big)}) with the default settings, "
+            "read with wait4 (interpreter and imports included).",
+            [["layer", "peak RSS"], [mb(big_size), mb(rss)]],
+            [
+                Check(
+                    f"peak RSS writing a {big_size / 1e9:.1f} GB layer (MB)",
+                    mb(rss),
+                    "",
+                    rss / 1e6,
+                    "<",
+                    150,
+                )
+            ],
+        )
+    )
+    return sections
+
+
+def sweeps(
+    ctx: Context, cas: CAS, paths: list[str], size: int, gnu_size: int, workdir: Path
+) -> list[Section]:
+    """Engine x level on a sample; threads and read size on the full input."""
+    sample = sample_paths(paths, workdir, (2 << 20) if ctx.quick else SAMPLE_BYTES)
+    sample_data = tar_bytes(cas, sample)
+    gzip6 = len(
+        subprocess.run(
+            ["gzip", "-6", "-c"], input=sample_data, capture_output=True, check=True
+        ).stdout
+    )
+    engine_rows = [["engine", "level", "input MB/s", "% of its limit", "size vs gzip -6"]]
+    chart = []
+    for engine, level in SWEEP:
+        if not archive.engine_available(engine):
+            engine_rows.append([engine, str(level), "not installed", "", ""])
+            continue
+        deflate = archive.Deflate(engine, level, threads=CORES)
+        seconds, out_size, _ = median_run(cas, sample, deflate, 1)
+        speed = len(sample_data) / seconds
+        limit = raw_speed(engine, level, sample_data) * CORES
+        ratio = out_size / gzip6
+        default = " (default)" if (engine, level) == (DEFAULT.engine, DEFAULT.level) else ""
+        engine_rows.append(
+            [engine + default, str(level), rate(speed), f"{speed / limit:.0%}", f"{ratio:.3f}"]
+        )
+        chart.append((f"{engine} {level}", speed / 1e6, ratio))
+    del sample_data
+
+    thread_rows = [["threads", "input MB/s", "digest"]]
+    digests = set()
+    for threads in (1, 2) if ctx.quick else (1, 2, 3, 4):
+        deflate = archive.Deflate(DEFAULT.engine, DEFAULT.level, threads)
+        seconds, _, digest = median_run(cas, paths, deflate, 1)
+        digests.add(digest)
+        mark = " (default)" if threads == DEFAULT.threads else ""
+        thread_rows.append([f"{threads}{mark}", rate(size / seconds), digest[:19] + "…"])
+    read_rows = [["read size", "input MB/s"]]
+    for read_size in (64 << 10, 1 << 20) if ctx.quick else (16 << 10, 64 << 10, 256 << 10, 1 << 20):
+        deflate = archive.Deflate(DEFAULT.engine, DEFAULT.level, DEFAULT.threads, read_size)
+        seconds, _, digest = median_run(cas, paths, deflate, 1)
+        digests.add(digest)
+        mark = " (default)" if read_size == DEFAULT.read_size else ""
+        read_rows.append([f"{read_size >> 10} KiB{mark}", rate(size / seconds)])
+    same = "identical" if len(digests) == 1 else f"DIFFERENT ({len(digests)} digests)"
+    return [
+        Section(
+            "Deflate engine and level",
+            f"On a sample of the same files (the first {2 if ctx.quick else 96} MiB of "
+            f"file data), {CORES} threads, one run each. "
+            "Each engine's limit is its own one-call speed on the sample's tar bytes "
+            f"times {CORES} cores; sizes are against `gzip -6` of the same tar bytes.",
+            engine_rows,
+            chart={"sweep": chart},
+        ),
+        Section(
+            "Deflate threads",
+            f"Full input, {DEFAULT.engine} level {DEFAULT.level}, one run each. The layer "
+            f"digest is {same} across every thread count and read size.",
+            thread_rows,
+        ),
+        Section(
+            "Read size",
+            f"Full input, {DEFAULT.engine} level {DEFAULT.level}, {DEFAULT.threads} threads: "
+            "the largest read from a file (reads also stop at 1 MiB block ends).",
+            read_rows,
+        ),
+    ]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 4 and sys.argv[1] == "rss":
+        _rss_main(sys.argv[2], sys.argv[3:])
+    else:
+        sys.exit("usage: python -m benchmarks.pipeline rss STORE PATH...")

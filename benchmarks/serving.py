@@ -1,0 +1,328 @@
+"""Serving: blob GETs against nginx, warm manifest GETs against CNCF distribution.
+
+Every load comes from wrk over 127.0.0.1, with the servers' CPU time read
+from /proc before and after each run, so the table shows both speed and
+what it cost.  Runs of the two sides alternate, and the median of the
+rounds is reported, because other work on the machine adds noise.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from nixery_trio import archive, blobs
+from nixery_trio.cas import CAS
+
+from .common import (
+    REPO,
+    Check,
+    Context,
+    Section,
+    WrkResult,
+    children,
+    free_port,
+    have,
+    http_ok,
+    our_server_argv,
+    process,
+    rate,
+    wait_until,
+    wrk,
+)
+from .pipeline import bench_store_paths, quick_store_path
+
+DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"
+#: Read sizes of the blob sweep (the default is blobs.BLOB_READ_SIZE).
+READ_SIZES = [1 << 20, 2 << 20, 4 << 20, 8 << 20]
+
+NGINX_CONF = """
+worker_processes auto;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  {files}
+  keepalive_requests 1000000;
+  client_body_temp_path {dir}/tmp; proxy_temp_path {dir}/tmp; fastcgi_temp_path {dir}/tmp;
+  uwsgi_temp_path {dir}/tmp; scgi_temp_path {dir}/tmp;
+  server {{ listen 127.0.0.1:{port}; root {root}; }}
+}}
+"""
+SENDFILE = "sendfile on; tcp_nopush on;"
+LARGE_READS = "sendfile off; output_buffers 2 1m;"
+
+REGISTRY_CONF = """
+version: 0.1
+log: {{level: error, accesslog: {{disabled: true}}}}
+storage:
+  filesystem: {{rootdirectory: {root}}}
+  cache: {{blobdescriptor: inmemory}}
+http: {{addr: "127.0.0.1:{port}"}}
+"""
+
+
+def _median(results: list[WrkResult], key: Callable[[WrkResult], float]) -> float:
+    return statistics.median(key(r) for r in results)
+
+
+def _blob(ctx: Context, storage: Path) -> tuple[str, int]:
+    """A layer blob of real binaries in the server's CAS (100+ MB in full mode)."""
+    cas = CAS(storage)
+    cas.open_store()
+    if ctx.quick:
+        paths = [quick_store_path(ctx.workdir, 12 << 20)]
+    else:
+        paths = [bench_store_paths()["usr-bin"]]
+    deflate = archive.Deflate(threads=os.cpu_count() or 1)
+    blob = archive.write_layer(cas, archive.store_path_entries(paths), deflate=deflate)
+    return blob.digest, blob.size
+
+
+def _nginx(workdir: Path, name: str, files: str, root: Path) -> tuple[list[str], Path, int]:
+    directory = workdir / name
+    (directory / "tmp").mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    conf = directory / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=directory, files=files, port=port, root=root))
+    return ["nginx", "-c", str(conf)], directory / "out.log", port
+
+
+def run(ctx: Context) -> list[Section]:
+    workdir = ctx.workdir
+    storage = workdir / "served"
+    digest, size = _blob(ctx, storage)
+    hex_digest = digest.split(":", 1)[1]
+    missing = have("wrk", "nginx")
+    if missing:
+        return [Section("Blob serving", f"Skipped: {', '.join(missing)} not installed.")]
+    port = free_port()
+    ours_url = f"http://127.0.0.1:{port}/v2/bench/blobs/{digest}"
+    argv = our_server_argv(port, storage, REPO / "nix" / "demo")
+    sections = []
+    with process(argv, workdir / "ours.log", f"http://127.0.0.1:{port}/v2/") as ours:
+        ours_pids = [ours.pid]
+        sections += _blobs(ctx, storage, hex_digest, size, ours_url, ours_pids)
+        sections += _manifests(ctx, port, ours_pids)
+    return sections
+
+
+def _blobs(
+    ctx: Context, storage: Path, hex_digest: str, size: int, ours_url: str, ours_pids: list[int]
+) -> list[Section]:
+    workdir = ctx.workdir
+    root = storage / "blobs" / "sha256"
+    seconds = ctx.seconds(6)
+    rounds = 1 if ctx.quick else 3
+    results: dict[tuple[str, int], list[WrkResult]] = {}
+    range_results: list[WrkResult] = []
+    ng_argv, ng_log, ng_port = _nginx(workdir, "nginx-sendfile", SENDFILE, root)
+    lr_argv, lr_log, lr_port = _nginx(workdir, "nginx-reads", LARGE_READS, root)
+    nginx_url = f"http://127.0.0.1:{ng_port}/{hex_digest}"
+    reads_url = f"http://127.0.0.1:{lr_port}/{hex_digest}"
+    half = f"Range: bytes={size // 2}-"
+    with (
+        process(ng_argv, ng_log, nginx_url) as nginx,
+        process(lr_argv, lr_log, reads_url) as reads,
+    ):
+        nginx_pids = children(nginx.pid)
+        reads_pids = children(reads.pid)
+        for _ in range(rounds):
+            for connections in (1, 16):
+                for name, url, pids in (
+                    ("ours", ours_url, ours_pids),
+                    ("nginx", nginx_url, nginx_pids),
+                ):
+                    result = wrk(url, connections, seconds, pids)
+                    results.setdefault((name, connections), []).append(result)
+            range_results.append(wrk(ours_url, 16, seconds, ours_pids, [half]))
+        for connections in (1, 16):
+            if not ctx.quick:
+                results[("reads", connections)] = [wrk(reads_url, connections, seconds, reads_pids)]
+    sweep = {} if ctx.quick else _read_size_sweep(ctx, storage, hex_digest, seconds)
+
+    def row(label: str, key: tuple[str, int]) -> list[str]:
+        speed = _median(results[key], lambda r: r.bytes_per_second)
+        cpu = _median(results[key], lambda r: r.cpu_per_gb)
+        return [label, str(key[1]), rate(speed), f"{cpu:.2f}"]
+
+    rows = [["server", "streams", "throughput", "server CPU s per GB"]]
+    for connections in (1, 16):
+        rows.append(
+            row(f"ours ({blobs.BLOB_READ_SIZE >> 20} MiB reads, default)", ("ours", connections))
+        )
+        rows.append(row("nginx, sendfile", ("nginx", connections)))
+        if ("reads", connections) in results:
+            rows.append(row("nginx, no sendfile (2 x 1 MiB buffers)", ("reads", connections)))
+    for read_size, by_conn in sweep.items():
+        for connections, result in by_conn.items():
+            rows.append(
+                [
+                    f"ours, {read_size >> 20} MiB reads",
+                    str(connections),
+                    rate(result.bytes_per_second),
+                    f"{result.cpu_per_gb:.2f}",
+                ]
+            )
+    range_speed = _median(range_results, lambda r: r.bytes_per_second)
+    range_cpu = _median(range_results, lambda r: r.cpu_per_gb)
+    whole_cpu = _median(results[("ours", 16)], lambda r: r.cpu_per_gb)
+    rows.append(["ours, Range: second half", "16", rate(range_speed), f"{range_cpu:.2f}"])
+
+    checks = []
+    for connections, bound in ((1, 0.9), (16, 1.0)):
+        ours = _median(results[("ours", connections)], lambda r: r.bytes_per_second)
+        nginx = _median(results[("nginx", connections)], lambda r: r.bytes_per_second)
+        checks.append(
+            Check(
+                f"blob GET, {connections} stream{'s' if connections > 1 else ''}, vs nginx "
+                "sendfile",
+                rate(ours),
+                rate(nginx),
+                ours / nginx,
+                ">=",
+                bound,
+            )
+        )
+    checks.append(
+        Check(
+            "Range GET CPU per byte vs whole-blob GET (16 streams)",
+            f"{range_cpu:.2f} s/GB",
+            f"{whole_cpu:.2f} s/GB",
+            range_cpu / whole_cpu,
+            "<=",
+            1.0,
+        )
+    )
+    text = (
+        f"One blob of {size / 1e6:,.0f} MB (a layer of real binaries), served from the same "
+        f"file by every server; wrk for {seconds:g} s per run, {rounds} alternating rounds "
+        "(median). CPU is the server's own (all processes and threads); wrk and the kernel's "
+        "receive side use the rest of the machine, so a server that needs less CPU per byte "
+        "leaves more for the client. Hypercorn 0.18 has no zero-copy send (ASGI "
+        "`zerocopysend`/`pathsend`), so our bytes are copied from the page cache into "
+        "Python and again into the socket."
+    )
+    return [Section("Blob serving", text, rows, checks)]
+
+
+def _read_size_sweep(
+    ctx: Context, storage: Path, hex_digest: str, seconds: float
+) -> dict[int, dict[int, WrkResult]]:
+    """Our server with other blob read sizes (a module constant, set by a launcher)."""
+    found: dict[int, dict[int, WrkResult]] = {}
+    for read_size in READ_SIZES:
+        if read_size == blobs.BLOB_READ_SIZE:
+            continue
+        port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "benchmarks.blobserver",
+            str(read_size),
+            *our_server_argv(port, storage, REPO / "nix" / "demo")[3:],
+        ]
+        url = f"http://127.0.0.1:{port}/v2/bench/blobs/sha256:{hex_digest}"
+        log = ctx.workdir / f"ours-{read_size}.log"
+        with process(argv, log, f"http://127.0.0.1:{port}/v2/") as server:
+            found[read_size] = {c: wrk(url, c, seconds, [server.pid]) for c in (1, 16)}
+    return found
+
+
+def _manifests(ctx: Context, port: int, ours_pids: list[int]) -> list[Section]:
+    missing = have("docker-registry", "skopeo", "wrk")
+    if missing:
+        return [Section("Warm manifests", f"Skipped: {', '.join(missing)} not installed.")]
+    workdir = ctx.workdir
+    image = "hello" if ctx.quick else "shell/hello"
+    ours_url = f"http://127.0.0.1:{port}/v2/{image}/manifests/latest"
+    wait_until(lambda: http_ok(ours_url, {"Accept": DOCKER_V2}), 300, "the image to build")
+    reg_port = free_port()
+    conf = workdir / "registry.yml"
+    conf.write_text(REGISTRY_CONF.format(root=workdir / "registry", port=reg_port))
+    reg_url = f"http://127.0.0.1:{reg_port}/v2/{image}/manifests/latest"
+    with process(
+        ["docker-registry", "serve", str(conf)],
+        workdir / "registry.log",
+        f"http://127.0.0.1:{reg_port}/v2/",
+    ) as registry:
+        subprocess.run(
+            [
+                "skopeo",
+                "copy",
+                "--quiet",
+                "--src-tls-verify=false",
+                "--dest-tls-verify=false",
+                f"docker://127.0.0.1:{port}/{image}:latest",
+                f"docker://127.0.0.1:{reg_port}/{image}:latest",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        sizes = {name: _manifest_size(url) for name, url in (("ours", ours_url), ("cncf", reg_url))}
+        seconds = ctx.seconds(8)
+        rounds = 1 if ctx.quick else 3
+        accept = [f"Accept: {DOCKER_V2}"]
+        runs: dict[str, list[WrkResult]] = {"ours": [], "cncf": []}
+        for _ in range(rounds):
+            runs["ours"].append(wrk(ours_url, 16, seconds, ours_pids, accept))
+            runs["cncf"].append(wrk(reg_url, 16, seconds, [registry.pid], accept))
+    rows = [["server", "manifest bytes", "requests/s", "p50 ms", "p99 ms", "server CPU ms/req"]]
+    summary = {}
+    for name, label in (("ours", "ours (Quart-Trio on Hypercorn)"), ("cncf", "CNCF distribution")):
+        rps = _median(runs[name], lambda r: r.requests_per_second)
+        p50 = _median(runs[name], lambda r: r.latency.get("50%", float("nan")))
+        p99 = _median(runs[name], lambda r: r.latency.get("99%", float("nan")))
+        cpu = _median(runs[name], lambda r: r.server_cpu / (r.requests_per_second * r.seconds))
+        summary[name] = (rps, p99)
+        rows.append(
+            [
+                label,
+                str(sizes[name]),
+                f"{rps:,.0f}",
+                f"{p50 * 1e3:.2f}",
+                f"{p99 * 1e3:.2f}",
+                f"{cpu * 1e3:.2f}",
+            ]
+        )
+    (ours_rps, ours_p99), (cncf_rps, cncf_p99) = summary["ours"], summary["cncf"]
+    checks = [
+        Check(
+            "warm manifest GET by tag, 16 concurrent, req/s vs distribution",
+            f"{ours_rps:,.0f}/s",
+            f"{cncf_rps:,.0f}/s",
+            ours_rps / cncf_rps,
+            ">=",
+            1.5,
+        ),
+        Check(
+            "warm manifest GET p99 vs distribution",
+            f"{ours_p99 * 1e3:.1f} ms",
+            f"{cncf_p99 * 1e3:.1f} ms",
+            ours_p99 / cncf_p99,
+            "<=",
+            1.0,
+        ),
+    ]
+    text = (
+        f"GET /v2/{image}/manifests/latest with `Accept: {DOCKER_V2}`, 16 connections, "
+        f"{seconds:g} s per run, {rounds} alternating rounds (median). Our image is built "
+        "once first (so the manifest cache answers); distribution serves the same manifest, "
+        "pushed into it with skopeo, from its filesystem driver with the in-memory "
+        "blob descriptor cache of Debian's default configuration."
+    )
+    return [Section("Warm manifests", text, rows, checks)]
+
+
+def _manifest_size(url: str) -> int:
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"Accept": DOCKER_V2})
+    with urllib.request.urlopen(request) as response:
+        return len(response.read())

@@ -1,0 +1,32 @@
+"""The benchmarks' quick mode runs end to end.
+
+A smoke test: it proves that ``make bench`` still works (inputs, peers,
+parsing, the report), on small inputs for about twenty seconds.  It asserts
+nothing about speed; peers that are not installed are reported as skipped.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_quick_benchmarks_write_a_report(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = (tmp_path / "benchmarks.md").read_text()
+    assert "## Targets: " in report
+    for title in ("Layer pipeline", "Deflate engine and level", "Memory", "Blob serving",
+                  "Warm manifests", "Cold builds", "Layering", "Defaults"):  # fmt: skip
+        assert f"\n## {title}\n" in report, title
+    assert "| layer pipeline vs GNU tar|gzip -6" in report.replace("\\|", "|")
