@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .archive import ENGINE_LEVELS, READ_SIZE, Deflate, engine_available
+from .archive import DEFAULT_LEVELS, ENGINE_LEVELS, READ_SIZE, Deflate, engine_available
 from .errors import ConfigError
 from .sources import ChannelSource, GitSource, PathSource, Source
 
@@ -76,8 +76,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "--gzip-level",
         "NIXERY_GZIP_LEVEL",
-        "Deflate level: 0 to 3 for isal, 1 to 9 for zlib and zlib-ng.",
-        "1",
+        "Deflate level: 0 to 3 for isal (default 2), 1 to 9 for zlib and zlib-ng (default 6).",
     ),
     Setting("--build-threads", "NIXERY_BUILD_THREADS", "Threads writing layers (0: cores).", "0"),
     Setting(
@@ -171,7 +170,8 @@ def make_config(raw: dict[str, str | None]) -> Config:
             + ", ".join(name for name in ENGINE_LEVELS if engine_available(name))
         )
     levels = ENGINE_LEVELS[engine]
-    level = _int("NIXERY_GZIP_LEVEL", raw.get("gzip_level") or "1", levels[0], levels[-1])
+    level_text = raw.get("gzip_level") or str(DEFAULT_LEVELS[engine])
+    level = _int("NIXERY_GZIP_LEVEL", level_text, levels[0], levels[-1])
     deflate_threads = _int("NIXERY_DEFLATE_THREADS", raw.get("deflate_threads") or "0", 0, 256)
     read_size = _int("NIXERY_READ_SIZE", raw.get("read_size") or str(READ_SIZE), 512, 1 << 30)
     return Config(

@@ -4,6 +4,7 @@
 #   usr-bin   /usr/bin                     as bin/...            (~400 MB on Debian 12)
 #   usr-lib   /usr/lib/<multiarch triplet> as lib/<triplet>/...  (shared libraries)
 #   busybox   the demo set's busybox (prepare-image.nix writes its JSON with it)
+#   cacert, iana-etc   the demo set's (the server adds both to every image)
 #
 # `builtins.path` copies a host directory into the store at evaluation time
 # (once; later evaluations hash it and find it there), so these packages
@@ -43,7 +44,7 @@ let
   }.${builtins.currentSystem};
 in
 {
-  inherit (demo) busybox;
+  inherit (demo) busybox cacert iana-etc;
   usr-bin = importUsr "host-usr-bin" "bin";
   usr-lib = importUsr "host-usr-lib" "lib/${triplet}";
 }

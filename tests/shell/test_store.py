@@ -258,8 +258,12 @@ def test_deflate_knobs_come_from_the_configuration(tmp_path: Path) -> None:
     )
     assert config.deflate == archive.Deflate("zlib", 6, 3, 65536)
     default = make_config({"storage_path": str(tmp_path), "pkgs_path": str(tmp_path)})
-    assert default.deflate == archive.Deflate("isal", 1, os.cpu_count() or 1, archive.READ_SIZE)
-    with pytest.raises(ConfigError, match="NIXERY_GZIP_LEVEL"):
+    assert default.deflate == archive.Deflate("isal", 2, os.cpu_count() or 1, archive.READ_SIZE)
+    zlib_default = make_config(
+        {"storage_path": str(tmp_path), "pkgs_path": str(tmp_path), "deflate_engine": "zlib"}
+    )
+    assert (zlib_default.deflate.engine, zlib_default.deflate.level) == ("zlib", 6)
+    with pytest.raises(ConfigError, match="NIXERY_GZIP_LEVEL must be between 0 and 3"):
         make_config({"storage_path": "/x", "pkgs_path": str(tmp_path), "gzip_level": "6"})
     with pytest.raises(ConfigError, match="NIXERY_DEFLATE_ENGINE"):
         make_config({"storage_path": "/x", "pkgs_path": str(tmp_path), "deflate_engine": "lz4"})
