@@ -300,10 +300,22 @@ def run(ctx: Context) -> list[Section]:
     return sections
 
 
+def alternating(
+    cas: CAS, paths: list[str], settings: list[archive.Deflate], rounds: int
+) -> list[tuple[float, int, str]]:
+    """Median seconds, size and digest of each setting, the settings run in turn each round."""
+    runs: list[list[tuple[float, int, str]]] = [[] for _ in settings]
+    for _ in range(rounds):
+        for index, deflate in enumerate(settings):
+            runs[index].append(time_ours(cas, paths, deflate))
+    return [(statistics.median(r[0] for r in found), found[0][1], found[0][2]) for found in runs]
+
+
 def sweeps(
     ctx: Context, cas: CAS, paths: list[str], size: int, gnu_size: int, workdir: Path
 ) -> list[Section]:
     """Engine x level on a sample; threads and read size on the full input."""
+    rounds = 1 if ctx.quick else 3
     sample = sample_paths(paths, workdir, (2 << 20) if ctx.quick else SAMPLE_BYTES)
     sample_data = tar_bytes(cas, sample)
     gzip6 = len(
@@ -313,12 +325,10 @@ def sweeps(
     )
     engine_rows = [["engine", "level", "input MB/s", "% of its limit", "size vs gzip -6"]]
     chart = []
-    for engine, level in SWEEP:
-        if not archive.engine_available(engine):
-            engine_rows.append([engine, str(level), "not installed", "", ""])
-            continue
-        deflate = archive.Deflate(engine, level, threads=CORES)
-        seconds, out_size, _ = median_run(cas, sample, deflate, 1)
+    grid = [(e, lv) for e, lv in SWEEP if archive.engine_available(e)]
+    engine_rows += [[e, str(lv), "not installed", "", ""] for e, lv in SWEEP if (e, lv) not in grid]
+    found = alternating(cas, sample, [archive.Deflate(e, lv, CORES) for e, lv in grid], rounds)
+    for (engine, level), (seconds, out_size, _) in zip(grid, found, strict=True):
         speed = len(sample_data) / seconds
         limit = raw_speed(engine, level, sample_data) * CORES
         ratio = out_size / gzip6
@@ -329,27 +339,39 @@ def sweeps(
         chart.append((f"{engine} {level}", speed / 1e6, ratio))
     del sample_data
 
-    thread_rows = [["threads", "input MB/s", "digest"]]
     digests = set()
-    for threads in (1, 2) if ctx.quick else (1, 2, 3, 4):
-        deflate = archive.Deflate(DEFAULT.engine, DEFAULT.level, threads)
-        seconds, _, digest = median_run(cas, paths, deflate, 1)
+    thread_counts = [1, 2] if ctx.quick else [1, 2, 3, 4]
+    settings = [archive.Deflate(DEFAULT.engine, DEFAULT.level, t) for t in thread_counts]
+    thread_rows = [["threads", "input MB/s", "digest"]]
+    thread_chart = []
+    for threads, (seconds, _, digest) in zip(
+        thread_counts, alternating(cas, paths, settings, max(1, rounds - 1)), strict=True
+    ):
         digests.add(digest)
         mark = " (default)" if threads == DEFAULT.threads else ""
         thread_rows.append([f"{threads}{mark}", rate(size / seconds), digest[:19] + "…"])
+        thread_chart.append((str(threads), size / seconds / 1e6, 0.0))
+    read_sizes = [64 << 10, 1 << 20] if ctx.quick else [16 << 10, 64 << 10, 256 << 10, 1 << 20]
+    settings = [
+        archive.Deflate(DEFAULT.engine, DEFAULT.level, DEFAULT.threads, r) for r in read_sizes
+    ]
     read_rows = [["read size", "input MB/s"]]
-    for read_size in (64 << 10, 1 << 20) if ctx.quick else (16 << 10, 64 << 10, 256 << 10, 1 << 20):
-        deflate = archive.Deflate(DEFAULT.engine, DEFAULT.level, DEFAULT.threads, read_size)
-        seconds, _, digest = median_run(cas, paths, deflate, 1)
+    for read_size, (seconds, _, digest) in zip(
+        read_sizes, alternating(cas, paths, settings, max(1, rounds - 1)), strict=True
+    ):
         digests.add(digest)
         mark = " (default)" if read_size == DEFAULT.read_size else ""
         read_rows.append([f"{read_size >> 10} KiB{mark}", rate(size / seconds)])
     same = "identical" if len(digests) == 1 else f"DIFFERENT ({len(digests)} digests)"
+    runs = f"median of {rounds} alternating rounds" if rounds > 1 else "one run each"
+    runs_full = (
+        f"median of {max(1, rounds - 1)} alternating rounds" if rounds > 2 else "one run each"
+    )
     return [
         Section(
             "Deflate engine and level",
             f"On a sample of the same files (the first {2 if ctx.quick else 96} MiB of "
-            f"file data), {CORES} threads, one run each. "
+            f"file data), {CORES} threads, {runs}. "
             "Each engine's limit is its own one-call speed on the sample's tar bytes "
             f"times {CORES} cores; sizes are against `gzip -6` of the same tar bytes.",
             engine_rows,
@@ -357,14 +379,16 @@ def sweeps(
         ),
         Section(
             "Deflate threads",
-            f"Full input, {DEFAULT.engine} level {DEFAULT.level}, one run each. The layer "
+            f"Full input, {DEFAULT.engine} level {DEFAULT.level}, {runs_full}. The layer "
             f"digest is {same} across every thread count and read size.",
             thread_rows,
+            chart={"threads": thread_chart},
         ),
         Section(
             "Read size",
-            f"Full input, {DEFAULT.engine} level {DEFAULT.level}, {DEFAULT.threads} threads: "
-            "the largest read from a file (reads also stop at 1 MiB block ends).",
+            f"Full input, {DEFAULT.engine} level {DEFAULT.level}, {DEFAULT.threads} threads, "
+            f"{runs_full}: the largest read from a file (reads also stop at 1 MiB block "
+            "ends).",
             read_rows,
         ),
     ]

@@ -16,9 +16,9 @@ again. Every number below comes from the run of {date}, on this machine:
 {machine}
 
 Each comparison runs our code and its peer in the same run, on the same
-bytes. The machine was not otherwise idle (another engineer's test suites
-were running on it), so the load benchmarks alternate the two sides and
-report medians.
+bytes. Other work on the machine (see the load averages above) shifts both
+sides; the timed benchmarks alternate the sides and report medians, so read
+the ratios rather than the absolute numbers.
 """
 
 

@@ -160,7 +160,17 @@ def _blobs(
         rows.append(row("nginx, sendfile", ("nginx", connections)))
         if ("reads", connections) in results:
             rows.append(row("nginx, no sendfile (2 x 1 MiB buffers)", ("reads", connections)))
+    blob_chart = [
+        (
+            f"{blobs.BLOB_READ_SIZE >> 20} MiB",
+            _median(results[("ours", 16)], lambda r: r.bytes_per_second) / 1e6,
+            _median(results[("ours", 16)], lambda r: r.cpu_per_gb),
+        )
+    ]
     for read_size, by_conn in sweep.items():
+        blob_chart.append(
+            (f"{read_size >> 20} MiB", by_conn[16].bytes_per_second / 1e6, by_conn[16].cpu_per_gb)
+        )
         for connections, result in by_conn.items():
             rows.append(
                 [
@@ -209,7 +219,7 @@ def _blobs(
         "`zerocopysend`/`pathsend`), so our bytes are copied from the page cache into "
         "Python and again into the socket."
     )
-    return [Section("Blob serving", text, rows, checks)]
+    return [Section("Blob serving", text, rows, checks, {"blob_reads": blob_chart})]
 
 
 def _read_size_sweep(
