@@ -11,8 +11,8 @@ Peers, in the same run on the same store paths:
 divided by the wall time, for every row, so all rows divide the same bytes.
 
 Run as ``python -m benchmarks.pipeline rss STORE PATH...`` it writes one
-layer and prints its peak resident memory (the parent reads it with
-``wait4``, so nothing of the benchmark itself is counted).
+layer and prints its own peak resident memory (the kernel's VmHWM), so
+nothing of the benchmark itself is counted.
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ def run(ctx: Context) -> list[Section]:
     ]
     checks = [
         Check(
-            "layer pipeline vs GNU tar|gzip -6 (input MB/s)",
+            "layer pipeline vs the GNU tar, gzip -6 pipeline (input MB/s)",
             rate(ours),
             rate(gnu),
             ours / gnu,
@@ -283,7 +283,7 @@ def run(ctx: Context) -> list[Section]:
             "Memory",
             f"Peak RSS of a fresh Python process writing one layer of {mb(big_size)} "
             f"({' + '.join(Path(p).name for p in big)}) with the default settings, "
-            "read with wait4 (interpreter and imports included).",
+            "the kernel's VmHWM (interpreter and imports included).",
             [["layer", "peak RSS"], [mb(big_size), mb(rss)]],
             [
                 Check(

@@ -37,7 +37,7 @@ def _check_rows(checks: list[Check]) -> list[list[str]]:
     for c in checks:
         rows.append(
             [
-                c.name,
+                c.name.replace("|", "\\|"),
                 c.ours,
                 c.peer,
                 f"{c.ratio:.3g}",
@@ -64,7 +64,7 @@ def write(
     machine_rows = [f"| {k} | {v} |" for k, v in machine.items() if k != "date"]
     machine_rows += [f"| {k} | {v} |" for k, v in peers.items()]
     parts = [HEADER.format(date=machine["date"], machine="\n".join(machine_rows))]
-    parts.append(f"## Targets: {met} of {len(checks)} met\n\n")
+    parts.append(f"\n## Targets: {met} of {len(checks)} met\n\n")
     parts.append(_table(_check_rows(checks)))
     chart = _chart(out_dir / chart_name, checks, sections)
     if chart:
