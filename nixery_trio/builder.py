@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -48,6 +49,11 @@ Entries = Callable[[], Iterable[archive.Entry]]
 MANIFEST_LIMIT = 4 << 20
 #: Seconds between two refreshes of a manifest's "last used" time.
 TOUCH_INTERVAL = 60
+#: Seconds a checked manifest is served from memory, and how many are kept.
+RECENT_SECONDS = 30
+RECENT_ENTRIES = 1024
+#: Seconds a source's cache key is reused before it is asked again.
+SOURCE_KEY_SECONDS = 1.0
 
 
 @dataclass
@@ -118,6 +124,36 @@ class Manifest:
     media_type: str
 
 
+class RecentManifests:
+    """Manifests checked against the store in the last few seconds.
+
+    A warm pull asks for the same manifest again and again; each check reads
+    the manifest, stats its blobs and takes the store lock in a worker thread.
+    Within ``seconds`` of a check the answer is served from memory.  That is
+    safe against gc because a check refreshes the manifest's "last used"
+    time, and gc keeps what was used within its grace period, which the CLI
+    requires to be well above ``seconds`` plus the refresh interval.
+    """
+
+    def __init__(self, entries: int, seconds: float) -> None:
+        self._entries = entries
+        self._seconds = seconds
+        self._memo: OrderedDict[str, tuple[Manifest, float]] = OrderedDict()
+
+    def get(self, key: str) -> Manifest | None:
+        memo = self._memo.get(key)
+        if memo is None or trio.current_time() - memo[1] > self._seconds:
+            return None
+        self._memo.move_to_end(key)
+        return memo[0]
+
+    def put(self, key: str, manifest: Manifest) -> None:
+        self._memo[key] = (manifest, trio.current_time())
+        self._memo.move_to_end(key)
+        while len(self._memo) > self._entries:
+            self._memo.popitem(last=False)
+
+
 class Builder:
     """Turns image names into manifests whose blobs are all in the CAS."""
 
@@ -136,6 +172,9 @@ class Builder:
         self._images: SingleFlight[str] = SingleFlight(nursery)
         self._layers: SingleFlight[LayerBlob] = SingleFlight(nursery)
         self._threads = trio.CapacityLimiter(config.build_threads)
+        self._recent = RecentManifests(RECENT_ENTRIES, RECENT_SECONDS)
+        self._source_keys: dict[str, tuple[str | None, float]] = {}
+        self._refreshing_keys: set[str] = set()
 
     def open(self) -> None:
         """Create the store's layout and clear crash leftovers (blocking)."""
@@ -151,17 +190,16 @@ class Builder:
     async def manifest_for_tag(self, name: str, tag: str) -> Manifest:
         """The manifest of ``name:tag``, building the image when needed."""
         image = self.parse(name, tag)
-        source_key = await trio.to_thread.run_sync(self.config.source.cache_key, tag)
-        image_key = (
-            json.dumps([source_key, image.arch.nix_system, list(image.packages)])
-            if source_key is not None
-            else None
-        )
-        if image_key is not None:
-            cached = await trio.to_thread.run_sync(self._cached_manifest, image_key)
-            if cached is not None:
-                logs.info("manifest.cached", image=name, tag=tag, digest=cached.digest)
-                return cached
+        image_key = self._image_key(image, await self._source_key(tag))
+        cached = await self._cached(image_key)
+        if cached is None and image_key is not None:
+            # A miss builds and records under the key: it must be current,
+            # not one remembered from before an edit of the package set.
+            image_key = self._image_key(image, await self._source_key(tag, fresh=True))
+            cached = await self._cached(image_key)
+        if cached is not None:
+            logs.info("manifest.cached", image=name, tag=tag, digest=cached.digest)
+            return cached
         flight_key = image_key or json.dumps(
             [self.config.source.render(tag), image.arch.nix_system, list(image.packages)]
         )
@@ -173,10 +211,56 @@ class Builder:
 
     async def manifest_for_digest(self, digest: str) -> Manifest:
         """A stored manifest by digest, or ManifestUnknown."""
-        manifest = await trio.to_thread.run_sync(self._locked_manifest, digest)
+        manifest = self._recent.get("digest:" + digest)
         if manifest is None:
-            raise ManifestUnknown(f"manifest {digest} is not known to this registry")
+            manifest = await trio.to_thread.run_sync(self._locked_manifest, digest)
+            if manifest is None:
+                raise ManifestUnknown(f"manifest {digest} is not known to this registry")
+            self._recent.put("digest:" + digest, manifest)
         return manifest
+
+    @staticmethod
+    def _image_key(image: Image, source_key: str | None) -> str | None:
+        if source_key is None:
+            return None
+        return json.dumps([source_key, image.arch.nix_system, list(image.packages)])
+
+    async def _cached(self, image_key: str | None) -> Manifest | None:
+        if image_key is None:
+            return None
+        cached = self._recent.get("image:" + image_key)
+        if cached is None:
+            cached = await trio.to_thread.run_sync(self._cached_manifest, image_key)
+            if cached is not None:
+                self._recent.put("image:" + image_key, cached)
+        return cached
+
+    async def _source_key(self, tag: str, fresh: bool = False) -> str | None:
+        """The source's cache key for ``tag``, asked at most once a second
+        for lookups (``fresh`` asks now, as a build must).
+
+        A path source hashes its files to answer; serving a cached image from
+        a key up to a second old is the price of not walking the tree on
+        every request.
+        """
+        now = trio.current_time()
+        memo = self._source_keys.get(tag)
+        # One caller refreshes a stale key; the others go on with it.
+        if (
+            not fresh
+            and memo is not None
+            and (now - memo[1] < SOURCE_KEY_SECONDS or tag in self._refreshing_keys)
+        ):
+            return memo[0]
+        self._refreshing_keys.add(tag)
+        try:
+            key = await trio.to_thread.run_sync(self.config.source.cache_key, tag)
+        finally:
+            self._refreshing_keys.discard(tag)
+        if len(self._source_keys) >= RECENT_ENTRIES:
+            self._source_keys.clear()
+        self._source_keys[tag] = (key, now)
+        return key
 
     def _cached_manifest(self, image_key: str) -> Manifest | None:
         """The cached manifest of an image, if it and all its blobs are stored."""

@@ -152,6 +152,12 @@ def gc(storage_path: Path, max_size: str, grace: float) -> None:
         limit = maintenance.parse_size(max_size)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--max-size") from exc
+    if grace < maintenance.MIN_GRACE_SECONDS:
+        raise click.BadParameter(
+            f"at least {maintenance.MIN_GRACE_SECONDS} s: a running server trusts manifests "
+            "it checked in the last minutes",
+            param_hint="--grace",
+        )
     if not storage_path.is_dir():
         raise click.ClickException(f"{storage_path} is not a directory")
     report = maintenance.gc(storage_path, limit, grace=grace)

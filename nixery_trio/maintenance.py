@@ -36,6 +36,10 @@ from .digest import parse_digest
 from .errors import DigestInvalid
 from .manifest import manifest_refs
 
+#: The shortest grace period ``nixery-trio gc`` accepts: a server serves a
+#: manifest from memory for a while after checking it (and refreshing its
+#: mtime), so gc must not remove anything used more recently than that.
+MIN_GRACE_SECONDS = 120
 #: Temporary files younger than this may belong to a write in progress.
 STALE_TMP_SECONDS = 3600
 _MANIFEST_LIMIT = 4 << 20

@@ -182,3 +182,6 @@ def test_cli_exit_codes(store: Store) -> None:
     bad = subprocess.run([*cli, "gc", "--storage-path", str(store.root), "--max-size", "lots"],
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "not a size" in bad.stderr
+    hasty = subprocess.run([*cli, "gc", "--storage-path", str(store.root), "--max-size", "0",
+                            "--grace", "5"], capture_output=True, text=True)  # fmt: skip
+    assert hasty.returncode == 2 and "--grace" in hasty.stderr
