@@ -140,6 +140,7 @@ def run(ctx: Context) -> list[Section]:
                 share,
                 "<",
                 0.05,
+                f"{split['server rest']:.3f} s of it after the layers (config, manifest, cache)",
             )
         )
     graph, roots = synthetic_closure(5000)
