@@ -187,6 +187,25 @@ class Builder:
     def parse(self, name: str, tag: str) -> Image:
         return parse_image(name, tag, max_packages=self.config.max_packages)
 
+    def recent_manifest(self, name: str, tag: str) -> Manifest | None:
+        """The manifest of ``name:tag`` if memory alone can answer, else ``None``.
+
+        Never blocks and never builds: the fast path for warm pulls, which
+        falls back to :meth:`manifest_for_tag` on ``None``.
+        """
+        try:
+            image = self.parse(name, tag)
+        except RegistryError:
+            return None
+        memo = self._source_keys.get(tag)
+        if memo is None or trio.current_time() - memo[1] >= SOURCE_KEY_SECONDS:
+            return None
+        image_key = self._image_key(image, memo[0])
+        manifest = None if image_key is None else self._recent.get("image:" + image_key)
+        if manifest is not None:
+            logs.info("manifest.cached", image=name, tag=tag, digest=manifest.digest)
+        return manifest
+
     async def manifest_for_tag(self, name: str, tag: str) -> Manifest:
         """The manifest of ``name:tag``, building the image when needed."""
         image = self.parse(name, tag)

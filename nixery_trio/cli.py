@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import urllib.request
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,9 @@ async def run_server(
         builder = Builder(config, CAS(config.storage_path), popularity, nursery)
         await trio.to_thread.run_sync(builder.open)
         app = create_app(builder)
-        binds: list[str] = await nursery.start(hypercorn.trio.serve, app, hypercorn_config(config))
+        binds: list[str] = await nursery.start(
+            partial(hypercorn.trio.serve, app, hypercorn_config(config), mode="asgi")
+        )
         logs.info(
             "server.started",
             listen=binds,

@@ -20,6 +20,7 @@ Blobs are served by ``blobs.py``.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from quart import Response, request
 from quart_trio import QuartTrio
@@ -54,16 +55,64 @@ def error_response(exc: RegistryError, extra_headers: dict[str, str] | None = No
     return response
 
 
+def manifest_headers(manifest: Manifest) -> list[tuple[str, str]]:
+    """The headers of a manifest response (GET and HEAD alike)."""
+    return [
+        ("Content-Type", manifest.media_type),
+        ("Content-Length", str(len(manifest.data))),
+        ("Docker-Content-Digest", manifest.digest),
+        ("ETag", f'"{manifest.digest}"'),
+    ]
+
+
 def _manifest_response(manifest: Manifest, head: bool) -> Response:
     response = Response(b"" if head else manifest.data, status=200)
-    response.headers["Content-Type"] = manifest.media_type
-    response.headers["Content-Length"] = str(len(manifest.data))
-    response.headers["Docker-Content-Digest"] = manifest.digest
-    response.headers["ETag"] = f'"{manifest.digest}"'
+    for key, value in manifest_headers(manifest):
+        response.headers[key] = value
     return response
 
 
-def create_app(builder: Builder) -> QuartTrio:
+class WarmManifests:
+    """ASGI front of the Quart app: warm manifest requests answered at once.
+
+    A pull of a cached image starts with a manifest GET or HEAD by tag, and
+    fleets of clients repeat it; when the builder can answer from memory
+    (:meth:`Builder.recent_manifest`), the response is sent here without
+    Quart's request and response objects, which cost more than the lookup.
+    Everything else, including every miss, goes to the Quart app.
+    """
+
+    def __init__(self, app: QuartTrio, builder: Builder, server_header: str) -> None:
+        self.app = app
+        self.builder = builder
+        self._common = [
+            (API_VERSION_HEADER[0].encode(), API_VERSION_HEADER[1].encode()),
+            (b"Server", server_header.encode()),
+        ]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
+            manifest = self._recent(scope)
+            if manifest is not None:
+                headers = [(k.encode(), v.encode()) for k, v in manifest_headers(manifest)]
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": headers + self._common})  # fmt: skip
+                body = b"" if scope["method"] == "HEAD" else manifest.data
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+    def _recent(self, scope: Any) -> Manifest | None:
+        path: str = scope["path"]
+        if not path.startswith("/v2/") or "%" in scope.get("raw_path", b"%").decode("latin-1"):
+            return None
+        name, marker, tag = path[4:].rpartition("/manifests/")
+        if not marker or ":" in tag:
+            return None
+        return self.builder.recent_manifest(name, tag)
+
+
+def create_app(builder: Builder) -> WarmManifests:
     """The Quart-Trio application serving ``builder``'s images."""
     app = QuartTrio("nixery_trio")
     server_header = f"nixery-trio/{__version__}+{source_version(builder.config.nix_dir)}"
@@ -126,7 +175,7 @@ def create_app(builder: Builder) -> QuartTrio:
         response.headers.setdefault("Server", server_header)
         return response
 
-    return app
+    return WarmManifests(app, builder, server_header)
 
 
 def _http_error(status: int, exc: Exception) -> RegistryError:

@@ -236,3 +236,20 @@ def test_bad_ranges(server: Server, header: str) -> None:
     manifest = get(server, "/v2/hello/manifests/latest").json()
     path = f"/v2/hello/blobs/{manifest['layers'][0]['digest']}"
     assert_error(get(server, path, headers={"Range": header}), 416, "RANGE_INVALID")
+
+
+def test_warm_and_cold_manifest_responses_are_identical(server: Server) -> None:
+    """The first answer comes from the Quart app, the next from the warm path."""
+
+    def answer(method: str) -> tuple[dict[str, str], bytes]:
+        response = get(server, "/v2/diamond-top/chain-b/manifests/latest", method)
+        assert response.status_code == 200
+        headers = {k: v for k, v in response.headers.items() if k != "date"}
+        return headers, response.content
+
+    cached_before = server.count("manifest.cached")
+    cold = answer("GET")
+    warm = answer("GET")
+    assert warm == cold
+    assert answer("HEAD") == (cold[0], b"")
+    assert server.count("manifest.cached") == cached_before + 2
