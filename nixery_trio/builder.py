@@ -36,7 +36,7 @@ from . import archive, logs, nix
 from .cache import LayerCache, ManifestCache
 from .cas import CAS
 from .config import Config
-from .errors import BuildFailed, ManifestUnknown, RegistryError
+from .errors import ManifestUnknown, RegistryError
 from .image import Image, parse_image
 from .layers import group_layers
 from .manifest import DOCKER_MANIFEST, LayerBlob, build_config, build_manifest, manifest_refs
@@ -169,7 +169,7 @@ class Builder:
         self.layer_cache = LayerCache(config.storage_path, cas)
         self.manifest_cache = ManifestCache(config.storage_path, cas)
         self.popularity = popularity
-        self._images: SingleFlight[str] = SingleFlight(nursery)
+        self._images: SingleFlight[Manifest] = SingleFlight(nursery)
         self._layers: SingleFlight[LayerBlob] = SingleFlight(nursery)
         self._threads = trio.CapacityLimiter(config.build_threads)
         self._recent = RecentManifests(RECENT_ENTRIES, RECENT_SECONDS)
@@ -214,19 +214,17 @@ class Builder:
         if cached is None and image_key is not None:
             # A miss builds and records under the key: it must be current,
             # not one remembered from before an edit of the package set.
-            image_key = self._image_key(image, await self._source_key(tag, fresh=True))
-            cached = await self._cached(image_key)
+            current = self._image_key(image, await self._source_key(tag, fresh=True))
+            if current != image_key:
+                image_key = current
+                cached = await self._cached(image_key)
         if cached is not None:
             logs.info("manifest.cached", image=name, tag=tag, digest=cached.digest)
             return cached
         flight_key = image_key or json.dumps(
             [self.config.source.render(tag), image.arch.nix_system, list(image.packages)]
         )
-        digest = await self._images.do(flight_key, partial(self._build_image, image, image_key))
-        manifest = await trio.to_thread.run_sync(self._load_manifest, digest)
-        if manifest is None:
-            raise BuildFailed(f"manifest {digest} vanished from the store after its build")
-        return manifest
+        return await self._images.do(flight_key, partial(self._build_image, image, image_key))
 
     async def manifest_for_digest(self, digest: str) -> Manifest:
         """A stored manifest by digest, or ManifestUnknown."""
@@ -310,7 +308,7 @@ class Builder:
                 os.utime(path)
         return Manifest(data=data, digest=digest, media_type=DOCKER_MANIFEST)
 
-    async def _build_image(self, image: Image, image_key: str | None) -> str:
+    async def _build_image(self, image: Image, image_key: str | None) -> Manifest:
         started = time.monotonic()
         result = await nix.prepare_image(
             nix_dir=self.config.nix_dir,
@@ -325,37 +323,32 @@ class Builder:
             result.graph, result.roots, self.popularity,
         )  # fmt: skip
         layered = time.monotonic()
-        # Held shared until the manifest is recorded: gc (exclusive) cannot
-        # remove a cached layer between its lookup here and the manifest.
-        lock = await trio.to_thread.run_sync(self.cas.lock.acquire)
+        jobs: list[tuple[str, Entries]] = [
+            (layer.key, partial(archive.store_path_entries, layer.contents)) for layer in layers
+        ]
+        jobs.append(("forest:" + result.forest, partial(archive.forest_entries, result.forest)))
+        # The store lock is held shared from the layer lookups until the
+        # manifest is recorded: gc (exclusive) cannot remove a cached layer
+        # in between.  One worker-thread hop takes the lock and looks up
+        # every layer.
+        lock, blobs = await trio.to_thread.run_sync(self._lock_and_look_up, [k for k, _ in jobs])
         try:
-            jobs: list[tuple[str, Entries]] = [
-                (layer.key, partial(archive.store_path_entries, layer.contents)) for layer in layers
-            ]
-            jobs.append(("forest:" + result.forest, partial(archive.forest_entries, result.forest)))
-            blobs: list[LayerBlob | None] = [None] * len(jobs)
 
-            async def fetch(index: int, key: str, entries: Entries) -> None:
-                blobs[index] = await self._layer(image, key, entries)
+            async def write(index: int, key: str, entries: Entries) -> None:
+                blobs[index] = await self._layers.do(
+                    key, partial(self._write_layer, image, key, entries)
+                )
 
             try:
                 async with trio.open_nursery() as nursery:
                     for index, (key, entries) in enumerate(jobs):
-                        nursery.start_soon(fetch, index, key, entries)
+                        if blobs[index] is None:
+                            nursery.start_soon(write, index, key, entries)
             except BaseExceptionGroup as group:
                 raise first_registry_error(group) from group
             written = time.monotonic()
             layer_blobs = [blob for blob in blobs if blob is not None]
-            config_bytes = build_config(
-                arch=image.arch, layers=layer_blobs, has_bash=image.has_bash
-            )
-            config_digest = await trio.to_thread.run_sync(self.cas.put_bytes, config_bytes)
-            manifest_bytes = build_manifest(
-                config_digest=config_digest, config_size=len(config_bytes), layers=layer_blobs
-            )
-            digest = await trio.to_thread.run_sync(self.cas.put_bytes, manifest_bytes)
-            if image_key is not None:
-                await trio.to_thread.run_sync(self.manifest_cache.put, image_key, digest)
+            manifest = await trio.to_thread.run_sync(self._record, image, layer_blobs, image_key)
         finally:
             os.close(lock)
         done = time.monotonic()
@@ -363,20 +356,32 @@ class Builder:
             "image.built",
             image=image.name,
             tag=image.tag,
-            digest=digest,
+            digest=manifest.digest,
             layers=len(layer_blobs),
             nix_seconds=round(nix_done - started, 3),
             layering_seconds=round(layered - nix_done, 3),
             layer_seconds=round(written - layered, 3),
             rest_seconds=round(done - written, 3),
         )
-        return digest
+        return manifest
 
-    async def _layer(self, image: Image, key: str, entries: Entries) -> LayerBlob:
-        cached = await trio.to_thread.run_sync(self.layer_cache.get, key)
-        if cached is not None:
-            return cached
-        return await self._layers.do(key, partial(self._write_layer, image, key, entries))
+    def _lock_and_look_up(self, keys: list[str]) -> tuple[int, list[LayerBlob | None]]:
+        lock = self.cas.lock.acquire()
+        try:
+            return lock, [self.layer_cache.get(key) for key in keys]
+        except BaseException:
+            os.close(lock)
+            raise
+
+    def _record(self, image: Image, layers: list[LayerBlob], image_key: str | None) -> Manifest:
+        """Store config and manifest, and record the manifest for the image."""
+        config = build_config(arch=image.arch, layers=layers, has_bash=image.has_bash)
+        config_digest = self.cas.put_bytes(config)
+        data = build_manifest(config_digest=config_digest, config_size=len(config), layers=layers)
+        digest = self.cas.put_bytes(data)
+        if image_key is not None:
+            self.manifest_cache.put(image_key, digest)
+        return Manifest(data=data, digest=digest, media_type=DOCKER_MANIFEST)
 
     async def _write_layer(self, image: Image, key: str, entries: Entries) -> LayerBlob:
         # The layer may have been cached between the caller's lookup and the

@@ -104,8 +104,10 @@ class WarmManifests:
 
     def _recent(self, scope: Any) -> Manifest | None:
         path: str = scope["path"]
-        if not path.startswith("/v2/") or "%" in scope.get("raw_path", b"%").decode("latin-1"):
+        if not path.startswith("/v2/") or b"%" in scope.get("raw_path", b"%"):
             return None
+        if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
+            return None  # the app refuses it
         name, marker, tag = path[4:].rpartition("/manifests/")
         if not marker or ":" in tag:
             return None
