@@ -12,10 +12,15 @@ from pathlib import Path
 
 from nixery_trio import archive, blobs
 
-from . import builds, pipeline, report, serving
+from . import builds, pipeline, report, serving, soak
 from .common import REPO, Context, Section, machine, tool_version
 
-BENCHMARKS = {"pipeline": pipeline.run, "serving": serving.run, "builds": builds.run}
+BENCHMARKS = {
+    "pipeline": pipeline.run,
+    "serving": serving.run,
+    "builds": builds.run,
+    "soak": soak.run,
+}
 
 
 def defaults_text(sections: list[Section]) -> str:
