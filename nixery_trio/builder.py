@@ -209,11 +209,13 @@ class Builder:
     async def manifest_for_tag(self, name: str, tag: str) -> Manifest:
         """The manifest of ``name:tag``, building the image when needed."""
         image = self.parse(name, tag)
+        asked_at = trio.current_time()
         image_key = self._image_key(image, await self._source_key(tag))
         cached = await self._cached(image_key)
-        if cached is None and image_key is not None:
+        if cached is None and image_key is not None and not self._asked_since(tag, asked_at):
             # A miss builds and records under the key: it must be current,
-            # not one remembered from before an edit of the package set.
+            # not one remembered from before an edit of the package set
+            # (a key asked for this very request is current).
             current = self._image_key(image, await self._source_key(tag, fresh=True))
             if current != image_key:
                 image_key = current
@@ -251,6 +253,11 @@ class Builder:
             if cached is not None:
                 self._recent.put("image:" + image_key, cached)
         return cached
+
+    def _asked_since(self, tag: str, moment: float) -> bool:
+        """Whether the source's key for ``tag`` was asked at or after ``moment``."""
+        memo = self._source_keys.get(tag)
+        return memo is not None and memo[1] >= moment
 
     async def _source_key(self, tag: str, fresh: bool = False) -> str | None:
         """The source's cache key for ``tag``, asked at most once a second

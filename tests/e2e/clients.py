@@ -7,14 +7,12 @@ temporary directory, talking plain HTTP to 127.0.0.1 only.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .server import wait_for
+from .server import stop_process, wait_for
 
 
 def run(
@@ -85,13 +83,7 @@ class Containerd:
         )
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_process(self.process, grace=20)
 
 
 def start_containerd(workdir: Path) -> Containerd:
