@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import socket
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -165,8 +166,22 @@ def test_a_dropped_download_frees_its_file(server: Server) -> None:
     manifest = httpx.get(manifest_url(server, "large"), timeout=120).json()
     layer = max(manifest["layers"], key=lambda entry: entry["size"])
     assert layer["size"] > 10 << 20
-    with httpx.stream("GET", f"{server.url}/v2/large/blobs/{layer['digest']}") as response:
-        next(response.iter_raw(65536))
-        assert open_blob_fds(server), "the blob is open while it streams"
+    host, port = server.host.rsplit(":", 1)
+    # A small receive buffer, so that the server cannot hand the whole blob
+    # to the kernel (loopback buffers may hold tens of MB) and must wait.
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+    client.settimeout(60)
+    try:
+        client.connect((host, int(port)))
+        path = f"/v2/large/blobs/{layer['digest']}"
+        client.sendall(f"GET {path} HTTP/1.1\r\nHost: {server.host}\r\n\r\n".encode())
+        received = b""
+        while len(received) < 256 << 10:
+            received += client.recv(65536)
+        assert received.startswith(b"HTTP/1.1 200")
+        wait_for(lambda: open_blob_fds(server), 10, "the blob to be open while it streams")
+    finally:
+        client.close()
     wait_for(lambda: not open_blob_fds(server), 10, "the blob file to be closed")
     assert httpx.get(f"{server.url}/v2/", timeout=10).status_code == 200
