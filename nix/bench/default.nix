@@ -18,14 +18,8 @@
 let
   demo = import ../demo { inherit system; };
 
-  # See demo/default.nix: a store path shaped like a derivation.
-  storeImport = name: path: {
-    type = "derivation";
-    inherit name;
-    outPath = path;
-    outputName = "out";
-    outputs = [ "out" ];
-  };
+  # A store path shaped like a derivation (see demo/store-import.nix).
+  storeImport = import ../demo/store-import.nix;
 
   hasPrefix = prefix: s: builtins.substring 0 (builtins.stringLength prefix) s == prefix;
 
