@@ -74,9 +74,6 @@ class SingleFlight(Generic[T]):
         self._nursery = nursery
         self._flights: dict[str, _Flight[T]] = {}
 
-    def __len__(self) -> int:
-        return len(self._flights)
-
     async def do(self, key: str, work: Callable[[], Awaitable[T]]) -> T:
         flight = self._flights.get(key)
         if flight is None:
