@@ -38,10 +38,10 @@ def parse_range(header: str, size: int) -> tuple[int, int]:
         return size - length, size - 1
     first = int(first_text)
     last = int(last_text) if last_text else size - 1
-    if last < first:
-        raise RangeNotSatisfiable(f"reversed range {first}-{last}", {"size": size})
     if first >= size:
         raise RangeNotSatisfiable(
             f"range starts at {first}, past the blob's {size} bytes", {"size": size}
         )
+    if last < first:
+        raise RangeNotSatisfiable(f"reversed range {first}-{last}", {"size": size})
     return first, min(last, size - 1)
