@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import statistics
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,8 +36,6 @@ from .common import (
 from .pipeline import bench_store_paths, quick_store_path
 
 DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"
-#: Read sizes of the blob sweep (the default is blobs.BLOB_READ_SIZE).
-READ_SIZES = [1 << 20, 2 << 20, 4 << 20, 8 << 20]
 
 NGINX_CONF = """
 worker_processes auto;
@@ -142,73 +139,57 @@ def _blobs(
                     result = wrk(url, connections, seconds, pids)
                     results.setdefault((name, connections), []).append(result)
             range_results.append(wrk(ours_url, 16, seconds, ours_pids, [half]))
-        for connections in (1, 16):
-            if not ctx.quick:
+        if not ctx.quick:
+            for connections in (1, 16):
                 results[("reads", connections)] = [wrk(reads_url, connections, seconds, reads_pids)]
-    sweep = {} if ctx.quick else _read_size_sweep(ctx, storage, hex_digest, seconds)
+            results.update(_without_sendfile(ctx, storage, hex_digest, seconds))
 
-    def row(label: str, key: tuple[str, int]) -> list[str]:
-        speed = _median(results[key], lambda r: r.bytes_per_second)
-        cpu = _median(results[key], lambda r: r.cpu_per_gb)
-        return [label, str(key[1]), rate(speed), f"{cpu:.2f}"]
+    def speed(key: tuple[str, int]) -> float:
+        return _median(results[key], lambda r: r.bytes_per_second)
 
+    def cpu(key: tuple[str, int]) -> float:
+        return _median(results[key], lambda r: r.cpu_per_gb)
+
+    labels = {
+        "ours": "ours, sendfile (default)",
+        "ours-reads": f"ours, no sendfile ({blobs.BLOB_READ_SIZE >> 10} KiB reads)",
+        "nginx": "nginx, sendfile",
+        "reads": "nginx, no sendfile (2 x 1 MiB buffers)",
+    }
     rows = [["server", "streams", "throughput", "server CPU s per GB"]]
+    chart = []
     for connections in (1, 16):
-        rows.append(
-            row(f"ours ({blobs.BLOB_READ_SIZE >> 20} MiB reads, default)", ("ours", connections))
-        )
-        rows.append(row("nginx, sendfile", ("nginx", connections)))
-        if ("reads", connections) in results:
-            rows.append(row("nginx, no sendfile (2 x 1 MiB buffers)", ("reads", connections)))
-    blob_chart = [
-        (
-            f"{blobs.BLOB_READ_SIZE >> 20} MiB",
-            _median(results[("ours", 16)], lambda r: r.bytes_per_second) / 1e6,
-            _median(results[("ours", 16)], lambda r: r.cpu_per_gb),
-        )
-    ]
-    for read_size, by_conn in sweep.items():
-        blob_chart.append(
-            (f"{read_size >> 20} MiB", by_conn[16].bytes_per_second / 1e6, by_conn[16].cpu_per_gb)
-        )
-        for connections, result in by_conn.items():
-            rows.append(
-                [
-                    f"ours, {read_size >> 20} MiB reads",
-                    str(connections),
-                    rate(result.bytes_per_second),
-                    f"{result.cpu_per_gb:.2f}",
-                ]
-            )
+        for name, label in labels.items():
+            if (name, connections) in results:
+                key = (name, connections)
+                rows.append([label, str(connections), rate(speed(key)), f"{cpu(key):.2f}"])
+                if connections == 16:
+                    chart.append((label.split(" (")[0], speed(key) / 1e6, cpu(key)))
     range_speed = _median(range_results, lambda r: r.bytes_per_second)
     range_cpu = _median(range_results, lambda r: r.cpu_per_gb)
-    whole_cpu = _median(results[("ours", 16)], lambda r: r.cpu_per_gb)
     rows.append(["ours, Range: second half", "16", rate(range_speed), f"{range_cpu:.2f}"])
 
     checks = []
     for connections, bound in ((1, 0.9), (16, 1.0)):
-        ours = _median(results[("ours", connections)], lambda r: r.bytes_per_second)
-        nginx = _median(results[("nginx", connections)], lambda r: r.bytes_per_second)
-        ours_cpu = _median(results[("ours", connections)], lambda r: r.cpu_per_gb)
-        nginx_cpu = _median(results[("nginx", connections)], lambda r: r.cpu_per_gb)
+        ours, peer = ("ours", connections), ("nginx", connections)
         checks.append(
             Check(
                 f"blob GET, {connections} stream{'s' if connections > 1 else ''}, vs nginx "
                 "sendfile",
-                rate(ours),
-                rate(nginx),
-                ours / nginx,
+                rate(speed(ours)),
+                rate(speed(peer)),
+                speed(ours) / speed(peer),
                 ">=",
                 bound,
-                f"server CPU {ours_cpu:.2f} s/GB, nginx {nginx_cpu:.2f}",
+                f"server CPU {cpu(ours):.2f} s/GB, nginx {cpu(peer):.2f}",
             )
         )
     checks.append(
         Check(
             "Range GET CPU per byte vs whole-blob GET (16 streams)",
             f"{range_cpu:.2f} s/GB",
-            f"{whole_cpu:.2f} s/GB",
-            range_cpu / whole_cpu,
+            f"{cpu(('ours', 16)):.2f} s/GB",
+            range_cpu / cpu(("ours", 16)),
             "<=",
             1.0,
         )
@@ -216,56 +197,33 @@ def _blobs(
     text = (
         f"One blob of {size / 1e6:,.0f} MB (a layer of real binaries), served from the same "
         f"file by every server; wrk for {seconds:g} s per run, {rounds} alternating rounds "
-        "(median). CPU is the server's own (all processes and threads); wrk and the kernel's "
-        "receive side use the rest of the machine, so a server that needs less CPU per byte "
-        "leaves more for the client. Hypercorn 0.18 has no zero-copy send (ASGI "
-        "`zerocopysend`/`pathsend`), so our bytes are copied from the page cache into "
-        "Python and again into the socket."
+        "(median) for the rows the targets use, one run for the others. CPU is the "
+        "server's own (all processes and threads); wrk and the kernel's receive side use the "
+        "rest of the machine, so a server that needs less CPU per byte leaves more for the "
+        "client. Ours sends blobs with sendfile(2) through the ASGI `zerocopysend` "
+        "extension that `nixery_trio/httpserver.py` adds to Hypercorn's HTTP/1.1; with "
+        "`NIXERY_BLOB_SENDFILE=0` (and on HTTP/2) the bytes are read into Python in large "
+        "`pread` calls and copied again into the socket."
     )
-    if ("reads", 1) in results:
-        speed = {
-            (name, c): _median(results[(name, c)], lambda r: r.bytes_per_second)
-            for name in ("ours", "nginx", "reads")
-            for c in (1, 16)
-        }
-        cpu = {
-            name: _median(results[(name, 16)], lambda r: r.cpu_per_gb)
-            for name in ("ours", "nginx", "reads")
-        }
+    if ("ours-reads", 16) in results:
+        saved = cpu(("ours-reads", 16)) / cpu(("ours", 16))
         text += (
-            " Without sendfile (1 MiB reads), nginx moved "
-            f"{speed[('reads', 1)] / speed[('nginx', 1)]:.2f}x its sendfile throughput on one "
-            f"stream and {speed[('reads', 16)] / speed[('nginx', 16)]:.2f}x on 16, at "
-            f"{cpu['reads'] / cpu['nginx']:.1f}x the CPU per byte; ours used "
-            f"{cpu['ours'] / cpu['reads']:.1f}x the CPU per byte of that nginx. So large "
-            "reads alone cost nginx little: what our server lacks is a send path without "
-            "Python's per-chunk costs (a fresh buffer per chunk, a thread hop, and one event "
-            "loop thread doing every copy into the sockets)."
+            f" At 16 streams sendfile needed 1/{saved:.1f} of the CPU per byte of our large "
+            f"reads and moved {speed(('ours', 16)) / speed(('ours-reads', 16)):.2f}x as many "
+            "bytes per second."
         )
-    return [Section("Blob serving", text, rows, checks, {"blob_reads": blob_chart})]
+    return [Section("Blob serving", text, rows, checks, {"blob_send": chart})]
 
 
-def _read_size_sweep(
+def _without_sendfile(
     ctx: Context, storage: Path, hex_digest: str, seconds: float
-) -> dict[int, dict[int, WrkResult]]:
-    """Our server with other blob read sizes (a module constant, set by a launcher)."""
-    found: dict[int, dict[int, WrkResult]] = {}
-    for read_size in READ_SIZES:
-        if read_size == blobs.BLOB_READ_SIZE:
-            continue
-        port = free_port()
-        argv = [
-            sys.executable,
-            "-m",
-            "benchmarks.blobserver",
-            str(read_size),
-            *our_server_argv(port, storage, REPO / "nix" / "demo")[3:],
-        ]
-        url = f"http://127.0.0.1:{port}/v2/bench/blobs/sha256:{hex_digest}"
-        log = ctx.workdir / f"ours-{read_size}.log"
-        with process(argv, log, f"http://127.0.0.1:{port}/v2/") as server:
-            found[read_size] = {c: wrk(url, c, seconds, [server.pid]) for c in (1, 16)}
-    return found
+) -> dict[tuple[str, int], list[WrkResult]]:
+    """Our server with ``--blob-sendfile 0``: blobs read through Python."""
+    port = free_port()
+    argv = our_server_argv(port, storage, REPO / "nix" / "demo", "--blob-sendfile", "0")
+    url = f"http://127.0.0.1:{port}/v2/bench/blobs/sha256:{hex_digest}"
+    with process(argv, ctx.workdir / "ours-reads.log", f"http://127.0.0.1:{port}/v2/") as server:
+        return {("ours-reads", c): [wrk(url, c, seconds, [server.pid])] for c in (1, 16)}
 
 
 def _manifests(ctx: Context, port: int, ours_pids: list[int]) -> list[Section]:

@@ -17,10 +17,10 @@ from typing import Any
 
 import click
 import hypercorn.config
-import hypercorn.trio
 import trio
+from hypercorn.utils import repr_socket_addr
 
-from . import logs, maintenance
+from . import httpserver, logs, maintenance
 from .builder import Builder
 from .cas import CAS
 from .config import SETTINGS, Config, make_config
@@ -94,9 +94,12 @@ async def run_server(
         builder = Builder(config, CAS(config.storage_path), popularity, nursery)
         await trio.to_thread.run_sync(builder.open)
         app = create_app(builder)
-        binds: list[str] = await nursery.start(
-            partial(hypercorn.trio.serve, app, hypercorn_config(config), mode="asgi")
-        )
+        hc = hypercorn_config(config)
+        sockets = hc.create_sockets().insecure_sockets
+        for sock in sockets:
+            sock.listen(hc.backlog)
+        binds = [f"http://{repr_socket_addr(s.family, s.getsockname())}" for s in sockets]
+        await nursery.start(partial(httpserver.serve, app, hc, sockets))
         logs.info(
             "server.started",
             listen=binds,

@@ -38,6 +38,7 @@ class Config:
     deflate_engine: str = "isal"
     deflate_threads: int = 1
     read_size: int = READ_SIZE
+    blob_sendfile: bool = True
 
     @property
     def deflate(self) -> Deflate:
@@ -93,6 +94,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "--read-size", "NIXERY_READ_SIZE", "Bytes per read of a file being layered.", "1048576"
+    ),
+    Setting(
+        "--blob-sendfile",
+        "NIXERY_BLOB_SENDFILE",
+        "Send blobs with sendfile(2) (1), or read them through Python (0).",
+        "1",
     ),
 )
 
@@ -174,6 +181,7 @@ def make_config(raw: dict[str, str | None]) -> Config:
     level = _int("NIXERY_GZIP_LEVEL", level_text, levels[0], levels[-1])
     deflate_threads = _int("NIXERY_DEFLATE_THREADS", raw.get("deflate_threads") or "0", 0, 256)
     read_size = _int("NIXERY_READ_SIZE", raw.get("read_size") or str(READ_SIZE), 512, 1 << 30)
+    sendfile = _int("NIXERY_BLOB_SENDFILE", raw.get("blob_sendfile") or "1", 0, 1)
     return Config(
         host=host,
         port=port,
@@ -189,4 +197,5 @@ def make_config(raw: dict[str, str | None]) -> Config:
         deflate_engine=engine,
         deflate_threads=deflate_threads or (os.cpu_count() or 1),
         read_size=read_size,
+        blob_sendfile=bool(sendfile),
     )

@@ -14,7 +14,8 @@ input must get the registry's own error, not a framework page.  Every
 failure becomes ``{"errors": [{"code", "message", "detail"}]}`` in
 :func:`error_response`, the one place that maps exceptions to statuses.
 
-Blobs are served by ``blobs.py``.
+Blobs are served by ``blobs.py``; :class:`FastLane` answers the hot
+requests (warm manifests, blobs by sendfile) before Quart sees them.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from . import __version__, logs
-from .blobs import blob_response
+from .blobs import blob_response, send_blob
 from .builder import Builder, Manifest
 from .errors import (
     BadRequest,
@@ -36,7 +37,8 @@ from .errors import (
     RegistryError,
     Unsupported,
 )
-from .routes import Kind, parse_route
+from .httpserver import ZEROCOPYSEND
+from .routes import Kind, Route, parse_route
 from .version import source_version
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
@@ -72,19 +74,24 @@ def _manifest_response(manifest: Manifest, head: bool) -> Response:
     return response
 
 
-class WarmManifests:
-    """ASGI front of the Quart app: warm manifest requests answered at once.
+class FastLane:
+    """ASGI front of the Quart app for the two hot requests of every pull.
 
-    A pull of a cached image starts with a manifest GET or HEAD by tag, and
-    fleets of clients repeat it; when the builder can answer from memory
-    (:meth:`Builder.recent_manifest`), the response is sent here without
-    Quart's request and response objects, which cost more than the lookup.
-    Everything else, including every miss, goes to the Quart app.
+    * A warm manifest GET or HEAD by tag, when the builder can answer from
+      memory (:meth:`Builder.recent_manifest`): fleets of clients repeat it,
+      and Quart's request and response objects cost more than the lookup.
+    * A blob GET or HEAD, when the server offers sendfile (the
+      ``http.response.zerocopysend`` extension, see ``httpserver.py``) and
+      ``NIXERY_BLOB_SENDFILE`` allows it.
+
+    Everything else goes to the Quart app, including every miss and every
+    error (an unknown blob, a bad range), which Quart answers as usual.
     """
 
     def __init__(self, app: QuartTrio, builder: Builder, server_header: str) -> None:
         self.app = app
         self.builder = builder
+        self.sendfile = builder.config.blob_sendfile
         self._common = [
             (API_VERSION_HEADER[0].encode(), API_VERSION_HEADER[1].encode()),
             (b"Server", server_header.encode()),
@@ -92,29 +99,55 @@ class WarmManifests:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
-            manifest = self._recent(scope)
-            if manifest is not None:
-                headers = [(k.encode(), v.encode()) for k, v in manifest_headers(manifest)]
-                await send({"type": "http.response.start", "status": 200,
-                            "headers": headers + self._common})  # fmt: skip
-                body = b"" if scope["method"] == "HEAD" else manifest.data
-                await send({"type": "http.response.body", "body": body})
+            route = self._route(scope)
+            if route is not None and await self._answer(route, scope, send):
                 return
         await self.app(scope, receive, send)
 
-    def _recent(self, scope: Any) -> Manifest | None:
+    async def _answer(self, route: Route, scope: Any, send: Any) -> bool:
+        head = scope["method"] == "HEAD"
+        if route.kind is Kind.BLOB:
+            if not self.sendfile or ZEROCOPYSEND not in scope["extensions"]:
+                return False
+            range_header = _header(scope, b"range")
+            try:
+                await send_blob(self.builder.cas, route.reference, head, range_header, send,
+                                self._common)  # fmt: skip
+            except RegistryError:
+                return False  # nothing sent yet: Quart answers the error
+            return True
+        if route.kind is Kind.MANIFEST and not route.by_digest:
+            manifest = self.builder.recent_manifest(route.name, route.reference)
+            if manifest is None:
+                return False
+            headers = [(k.encode(), v.encode()) for k, v in manifest_headers(manifest)]
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": headers + self._common})  # fmt: skip
+            await send({"type": "http.response.body", "body": b"" if head else manifest.data})
+            return True
+        return False
+
+    @staticmethod
+    def _route(scope: Any) -> Route | None:
         path: str = scope["path"]
         if not path.startswith("/v2/") or b"%" in scope.get("raw_path", b"%"):
             return None
         if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
             return None  # the app refuses it
-        name, marker, tag = path[4:].rpartition("/manifests/")
-        if not marker or ":" in tag:
+        try:
+            return parse_route(path[4:])
+        except RegistryError:
             return None
-        return self.builder.recent_manifest(name, tag)
 
 
-def create_app(builder: Builder) -> WarmManifests:
+def _header(scope: Any, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def create_app(builder: Builder) -> FastLane:
     """The Quart-Trio application serving ``builder``'s images."""
     app = QuartTrio("nixery_trio")
     server_header = f"nixery-trio/{__version__}+{source_version(builder.config.nix_dir)}"
@@ -177,7 +210,7 @@ def create_app(builder: Builder) -> WarmManifests:
         response.headers.setdefault("Server", server_header)
         return response
 
-    return WarmManifests(app, builder, server_header)
+    return FastLane(app, builder, server_header)
 
 
 def _http_error(status: int, exc: Exception) -> RegistryError:

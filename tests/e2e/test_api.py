@@ -9,7 +9,7 @@ import json
 import httpx
 import pytest
 
-from .server import Server
+from .server import Server, start_server
 
 MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 
@@ -102,6 +102,28 @@ def test_range_requests(server: Server) -> None:
     assert_error(past, 416, "RANGE_INVALID")
     assert past.headers["content-range"] == f"bytes */{len(whole)}"
     assert_error(get(server, path, headers={"Range": "bytes=9-2"}), 416, "RANGE_INVALID")
+
+
+def test_blobs_by_sendfile_and_by_reads_are_identical(
+    server: Server, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The sendfile path (the default) and Quart's reads answer byte for byte alike."""
+    reads = start_server(tmp_path_factory.mktemp("reads"), extra=["--blob-sendfile", "0"])
+    try:
+        manifest = get(server, "/v2/hello/manifests/latest").json()
+        assert get(reads, "/v2/hello/manifests/latest").json() == manifest
+        layer = max(manifest["layers"], key=lambda entry: entry["size"])
+        for blob in (layer, manifest["config"]):
+            path = f"/v2/hello/blobs/{blob['digest']}"
+            for method, headers in (("GET", {}), ("HEAD", {}), ("GET", {"Range": "bytes=3-"})):
+                answers = [get(s, path, method, headers=headers) for s in (server, reads)]
+                seen = [({k: v for k, v in r.headers.items() if k != "date"}, r.status_code,
+                         r.content) for r in answers]  # fmt: skip
+                assert seen[0] == seen[1]
+            whole = get(server, path).content
+            assert "sha256:" + hashlib.sha256(whole).hexdigest() == blob["digest"]
+    finally:
+        reads.stop()
 
 
 def test_shell_image_has_bash_cmd(server: Server) -> None:

@@ -20,6 +20,8 @@ def test_path_source_and_defaults(tmp_path: Path) -> None:
     assert config.nix_timeout == 60
     assert config.layer_budget == 94
     assert config.max_packages == 64
+    assert config.blob_sendfile is True
+    assert make_config(raw(pkgs_path=str(tmp_path), blob_sendfile="0")).blob_sendfile is False
 
 
 def test_port_alone_means_all_interfaces() -> None:
@@ -46,6 +48,7 @@ def test_listen_wins_over_port() -> None:
         ({"channel": "a", "port": "99999"}, "between"),
         ({"pkgs_path": "/does/not/exist"}, "not a directory"),
         ({"channel": "a", "layer_budget": "0"}, "NIXERY_LAYER_BUDGET"),
+        ({"channel": "a", "blob_sendfile": "yes"}, "NIXERY_BLOB_SENDFILE"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(values: dict[str, str], message: str) -> None:

@@ -1,0 +1,296 @@
+"""Hypercorn with sendfile: the ASGI ``http.response.zerocopysend`` extension.
+
+Hypercorn 0.18 moves every response body through Python: the app's bytes
+become an h11 ``Data`` event, h11 frames them, and the connection's
+``send_all`` copies them into the socket.  For blobs of hundreds of MB that
+copy, on the one event-loop thread, is most of the server's work.  This
+module teaches Hypercorn's HTTP/1.1 path the ASGI extension for zero-copy
+send (``scope["extensions"]["http.response.zerocopysend"]``, see the ASGI
+spec's extensions page), so the kernel moves file bytes straight from the
+page cache to the socket with ``sendfile(2)``.
+
+Hypercorn has no hook for it, so each layer that a body crosses is
+subclassed, and nothing else changes::
+
+    app ──zerocopysend──▶ ZeroCopyHTTPStream   (ASGI message -> FileBody event)
+        ──FileBody──────▶ ZeroCopyH11Protocol  (h11 frames a placeholder of the
+                                               body's length: Content-Length and
+                                               keep-alive stay h11's business)
+        ──SendFile──────▶ ZeroCopyTCPServer    (os.sendfile on the socket, under
+                                               the same send lock as all bytes)
+
+The placeholder is h11's documented sendfile support
+(``Connection.send_with_data_passthrough``): h11 only takes its ``len``.
+HTTP/2 connections stay stock Hypercorn and do not advertise the extension.
+The subclasses touch Hypercorn internals, hence the pin to 0.18 in
+``pyproject.toml``; ``tests/unit/test_httpserver.py`` breaks if they drift.
+
+:func:`serve` is Hypercorn's ``worker_serve`` without TLS, QUIC and statsd,
+running connections as :class:`ZeroCopyTCPServer`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import h11
+import trio
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.config import Config
+from hypercorn.events import Closed, RawData
+from hypercorn.events import Event as ConnectionEvent
+from hypercorn.protocol import ProtocolWrapper
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.events import Request
+from hypercorn.protocol.h11 import STREAM_ID, H11Protocol
+from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.task_group import TaskGroup
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import parse_socket_addr, suppress_body
+
+#: The ASGI extension's message type and ``scope["extensions"]`` key.
+ZEROCOPYSEND = "http.response.zerocopysend"
+#: HTTP versions served by the subclassed HTTP/1 path.
+_H11_VERSIONS = ("1.0", "1.1")
+#: Errors of a socket whose peer went away.
+_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF)
+
+
+@dataclass(frozen=True)
+class FileBody(StreamEvent):
+    """Stream event: ``count`` bytes of open file ``fd`` from ``offset`` are body."""
+
+    fd: int
+    offset: int
+    count: int
+
+
+@dataclass(frozen=True)
+class SendFile(ConnectionEvent):
+    """Connection event: put these file bytes on the socket with sendfile."""
+
+    fd: int
+    offset: int
+    count: int
+
+
+class _Placeholder:
+    """Stands for a file's bytes in h11, which only asks for their length."""
+
+    __slots__ = ("body",)
+
+    def __init__(self, body: FileBody) -> None:
+        self.body = body
+
+    def __len__(self) -> int:
+        return self.body.count
+
+
+async def sendfile_all(sock: trio.socket.SocketType, fd: int, offset: int, count: int) -> None:
+    """Send ``count`` bytes of ``fd`` from ``offset`` on non-blocking ``sock``.
+
+    Raises :class:`BrokenPipeError` and friends when the peer goes away, and
+    :class:`EOFError` if the file ends before ``count`` bytes.
+    """
+    out = sock.fileno()
+    end = offset + count
+    while offset < end:
+        try:
+            sent = os.sendfile(out, fd, offset, end - offset)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        if sent == 0:
+            raise EOFError(f"file ended {end - offset} bytes before the response did")
+        offset += sent
+    await trio.lowlevel.checkpoint()
+
+
+class _Advertised:
+    """The app, told by its scope that this stream can send files."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(
+        self, scope: Any, receive: Any, send: Any, sync_spawn: Any, call_soon: Any
+    ) -> None:
+        scope["extensions"][ZEROCOPYSEND] = {}
+        await self.app(scope, receive, send, sync_spawn, call_soon)
+
+
+class ZeroCopyHTTPStream(HTTPStream):
+    """An HTTP/1 stream that also takes ``http.response.zerocopysend``."""
+
+    def __init__(self, app: Any, *args: Any) -> None:
+        super().__init__(_Advertised(app), *args)
+
+    async def app_send(self, message: Any) -> None:
+        if message is None or message["type"] != ZEROCOPYSEND:
+            await super().app_send(message)
+            return
+        if self.closed:
+            return  # the client went away: drop the rest of the body
+        if self.state != ASGIHTTPState.RESPONSE:
+            raise RuntimeError(f"{ZEROCOPYSEND} before http.response.start")
+        if not suppress_body(self.scope["method"], int(self.response["status"])):
+            fd = message["file"] if isinstance(message["file"], int) else message["file"].fileno()
+            offset = message.get("offset")
+            if offset is None:
+                offset = os.lseek(fd, 0, os.SEEK_CUR)
+            count = message.get("count")
+            if count is None:
+                count = os.fstat(fd).st_size - offset
+            if count > 0:
+                body = FileBody(stream_id=self.stream_id, fd=fd, offset=offset, count=count)
+                await self.send(body)
+            if message.get("offset") is None:
+                os.lseek(fd, offset + count, os.SEEK_SET)
+        if not message.get("more_body", False):
+            await self._send_closed()
+
+
+class ZeroCopyH11Protocol(H11Protocol):
+    """HTTP/1.1 whose streams can send files; the framing stays h11's."""
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        if not isinstance(event, FileBody):
+            await super().stream_send(event)
+            return
+        try:
+            parts = self._h11().send_with_data_passthrough(
+                h11.Data(data=_Placeholder(event))  # type: ignore[arg-type]
+            )
+        except h11.LocalProtocolError:
+            if self.connection.their_state != h11.ERROR:
+                raise
+            return
+        for part in parts or ():
+            if isinstance(part, _Placeholder):
+                body = part.body
+                await self.send(SendFile(fd=body.fd, offset=body.offset, count=body.count))
+            else:
+                await self.send(RawData(data=bytes(part)))
+
+    def _h11(self) -> h11.Connection:
+        assert isinstance(self.connection, h11.Connection), "file body on a websocket"
+        return self.connection
+
+    async def _create_stream(self, request: h11.Request) -> None:
+        # Hypercorn's own method, less websockets (which this registry does
+        # not serve: they get Hypercorn's stream) and with our HTTP stream.
+        if any(name.lower() == b"upgrade" for name, _ in request.headers):
+            await super()._create_stream(request)
+            return
+        self.stream = ZeroCopyHTTPStream(
+            self.app, self.config, self.context, self.task_group, self.ssl,
+            self.client, self.server, self.stream_send, STREAM_ID,
+        )  # fmt: skip
+        if self.config.h11_pass_raw_headers:
+            headers = request.headers.raw_items()
+        else:
+            headers = list(request.headers)
+        await self.stream.handle(
+            Request(
+                stream_id=STREAM_ID,
+                headers=headers,
+                http_version=request.http_version.decode(),
+                method=request.method.decode("ascii").upper(),
+                raw_path=request.target,
+                state=self.connection_state,
+            )
+        )
+        self.keep_alive_requests += 1
+        await self.context.mark_request()
+
+
+class ZeroCopyTCPServer(TCPServer):
+    """A plain-TCP connection whose HTTP/1.1 responses can carry files."""
+
+    async def run(self) -> None:
+        sock = self.stream.socket
+        try:
+            client = parse_socket_addr(sock.family, sock.getpeername())
+            server = parse_socket_addr(sock.family, sock.getsockname())
+            async with TaskGroup() as task_group:
+                self._task_group = task_group
+                self.protocol = ProtocolWrapper(
+                    self.app, self.config, self.context, task_group,
+                    ConnectionState(self.state), False, client, server,
+                    self.protocol_send, "http/1.1",
+                )  # fmt: skip
+                # Same arguments, our HTTP/1.1 (h2c upgrades still replace it).
+                self.protocol.protocol = ZeroCopyH11Protocol(
+                    self.app, self.config, self.context, task_group,
+                    ConnectionState(self.state), False, client, server, self.protocol_send,
+                )  # fmt: skip
+                await self.protocol.initiate()
+                await self.idle_task.restart(self._task_group, self._idle_timeout)
+                await self._read_data()
+        except OSError:
+            pass
+        finally:
+            await self._close()
+
+    async def protocol_send(self, event: ConnectionEvent) -> None:
+        if not isinstance(event, SendFile):
+            await super().protocol_send(event)
+            return
+        async with self.send_lock:
+            try:
+                # Shielded like Hypercorn's own sends: a response cut short
+                # by cancellation would leave the connection mid-body.
+                with trio.CancelScope(shield=True):
+                    sock = self.stream.socket
+                    await sendfile_all(sock, event.fd, event.offset, event.count)
+            except OSError as exc:
+                if exc.errno not in _GONE:
+                    raise
+                await self.protocol.handle(Closed())
+            except (trio.ClosedResourceError, EOFError):
+                await self._close()
+                await self.protocol.handle(Closed())
+
+
+async def serve(
+    app: Callable[..., Awaitable[None]],
+    config: Config,
+    sockets: list[socket.socket],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ASGI ``app`` on listening ``sockets`` until cancelled.
+
+    Hypercorn's ``worker_serve`` for plain TCP: lifespan startup, then every
+    connection in :class:`ZeroCopyTCPServer`; on cancellation, connections
+    get ``config.graceful_timeout`` to finish before lifespan shutdown.
+    """
+    wrapped = ASGIWrapper(app)
+    lifespan_state: dict[str, Any] = {}
+    lifespan = Lifespan(wrapped, config, lifespan_state)
+    context = WorkerContext(None)
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        async with trio.open_nursery() as server_nursery:
+            listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+            handler = partial(
+                ZeroCopyTCPServer, wrapped, config, context, ConnectionState(lifespan_state.copy())
+            )
+            task_status.started()
+            try:
+                await trio.serve_listeners(handler, listeners, handler_nursery=server_nursery)
+            finally:
+                await context.terminated.set()
+                server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()

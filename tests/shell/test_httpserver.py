@@ -1,0 +1,168 @@
+"""Hypercorn with sendfile (``httpserver.py``), over real sockets.
+
+A tiny ASGI app sends files with ``http.response.zerocopysend``; an h11
+client checks the framing byte for byte, on kept-alive connections, so a
+body that sendfile put on the wire with the wrong length or at the wrong
+moment breaks the next response.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import h11
+import hypercorn.config
+import pytest
+import trio
+
+from nixery_trio.httpserver import ZEROCOPYSEND, serve
+
+DATA = os.urandom(3 << 20) + b"tail"
+
+
+class FileApp:
+    """Serves ``path`` per the query: ``offset``, ``count``, ``pieces``, ``chunked``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.scopes: list[dict[str, Any]] = []
+        self.finished = trio.Event()
+        self.sent_pieces = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        self.scopes.append(scope)
+        query = dict(p.split("=") for p in scope["query_string"].decode().split("&") if p)
+        offset, count = int(query.get("offset", 0)), int(query.get("count", len(DATA)))
+        pieces = int(query.get("pieces", 1))
+        headers = [] if "chunked" in query else [(b"content-length", str(count).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        with open(self.path, "rb") as f:
+            if "position" in query:  # no offset: from the file's position, which advances
+                f.seek(offset)
+                for _ in range(pieces):
+                    await send({"type": ZEROCOPYSEND, "file": f, "count": count // pieces,
+                                "more_body": True})  # fmt: skip
+                assert f.tell() == offset + count
+                await send({"type": "http.response.body", "body": b""})
+            else:
+                step = count // pieces
+                for i in range(pieces):
+                    last = i == pieces - 1
+                    size = count - step * i if last else step
+                    await send({"type": ZEROCOPYSEND, "file": f.fileno(),
+                                "offset": offset + step * i, "count": size,
+                                "more_body": not last})  # fmt: skip
+                    self.sent_pieces += 1
+        self.finished.set()
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[tuple[int, FileApp]]:
+    path = tmp_path / "blob"
+    path.write_bytes(DATA)
+    app = FileApp(path)
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = hypercorn.config.Config()
+    config.accesslog = config.errorlog = None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve, app, config, [sock])
+        yield port, app
+        nursery.cancel_scope.cancel()
+
+
+class Client:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(h11.CLIENT)
+
+    async def get(self, target: str, method: str = "GET") -> tuple[h11.Response, bytes]:
+        request = h11.Request(method=method, target=target, headers=[("Host", "test")])
+        await self.stream.send_all(self.conn.send(request) + self.conn.send(h11.EndOfMessage()))
+        response, body = None, bytearray()
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(await self.stream.receive_some(1 << 20))
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                assert response is not None
+                self.conn.start_next_cycle()
+                return response, bytes(body)
+
+
+async def test_files_go_out_whole_and_the_connection_stays_usable(server: Any) -> None:
+    port, app = server
+    client = Client(await trio.open_tcp_stream("127.0.0.1", port))
+    response, body = await client.get("/")
+    assert response.status_code == 200 and body == DATA
+    response, body = await client.get("/?offset=1000&count=70000&pieces=3")
+    assert body == DATA[1000:71000]
+    response, body = await client.get("/?offset=5&count=100&chunked=1")
+    assert (b"transfer-encoding", b"chunked") in response.headers and body == DATA[5:105]
+    response, body = await client.get("/?offset=7&count=1000&pieces=4&position=1")
+    assert body == DATA[7:1007]
+    response, body = await client.get("/?count=10", method="HEAD")
+    assert body == b"" and (b"content-length", b"10") in response.headers
+    response, body = await client.get("/?offset=2&count=3")
+    assert body == DATA[2:5]
+    assert all(ZEROCOPYSEND in scope["extensions"] for scope in app.scopes)
+
+
+async def test_a_client_that_leaves_mid_body_does_not_stop_the_server(server: Any) -> None:
+    port, app = server
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    request = b"GET /?pieces=48 HTTP/1.1\r\nhost: test\r\n\r\n"
+    await stream.send_all(request)
+    await stream.receive_some(1000)
+    # Reset the connection with most of the 3 MiB body unread.
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+    await stream.aclose()
+    with trio.fail_after(10):
+        await app.finished.wait()
+    assert app.sent_pieces == 48  # the app was told nothing, and finished
+    client = Client(await trio.open_tcp_stream("127.0.0.1", port))
+    assert (await client.get("/?count=4"))[1] == DATA[:4]
+
+
+async def test_a_file_shorter_than_promised_closes_the_connection(tmp_path: Path) -> None:
+    path = tmp_path / "short"
+    path.write_bytes(b"0123456789")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"20")]})  # fmt: skip
+        with open(path, "rb") as f:
+            await send({"type": ZEROCOPYSEND, "file": f, "offset": 0, "count": 20})
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    config = hypercorn.config.Config()
+    config.accesslog = config.errorlog = None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve, app, config, [sock])
+        stream = await trio.open_tcp_stream("127.0.0.1", sock.getsockname()[1])
+        await stream.send_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+        received = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some(1000):
+                received += chunk
+        assert received.endswith(b"\r\n\r\n0123456789")  # then closed, never hangs
+        nursery.cancel_scope.cancel()
