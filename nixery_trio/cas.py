@@ -29,12 +29,22 @@ from .errors import StorageError
 
 
 class BlobWriter:
-    """A temporary file that becomes a blob once its digest is known."""
+    """A temporary file that becomes a blob once its digest is known.
+
+    Write with :meth:`write`; ``file`` is the open file itself.
+    """
 
     def __init__(self, cas: CAS, file: BinaryIO, path: Path) -> None:
         self._cas = cas
         self.file = file
         self.path = path
+
+    def write(self, data: bytes) -> int:
+        """Append all of ``data`` (an unbuffered write may take only part of it)."""
+        view = memoryview(data)
+        while view:
+            view = view[self.file.write(view) :]
+        return len(data)
 
     def commit(self, digest: str) -> Path:
         """fsync, close and rename the file to ``digest``; return its path."""
@@ -45,6 +55,10 @@ class BlobWriter:
         os.rename(self.path, target)
         self._cas.sync_dir()
         return target
+
+    def close(self) -> None:
+        """Close the file (it stays a temporary file unless committed)."""
+        self.file.close()
 
 
 class CAS:
@@ -92,13 +106,16 @@ class CAS:
             file = open(path, "xb", buffering=0)  # noqa: SIM115 - owned by BlobWriter
         except OSError as exc:
             raise StorageError(f"cannot create a blob in {self.tmp_dir}: {exc}") from exc
+        blob = BlobWriter(self, file, path)
         try:
-            yield BlobWriter(self, file, path)
+            yield blob
         except OSError as exc:
             raise StorageError(f"writing a blob failed: {exc}") from exc
         finally:
-            file.close()
-            path.unlink(missing_ok=True)
+            try:
+                blob.close()
+            finally:
+                path.unlink(missing_ok=True)
 
     def put_bytes(self, data: bytes) -> str:
         """Store a small blob (config, manifest); return its digest."""
@@ -107,7 +124,7 @@ class CAS:
             os.utime(self.path(digest))  # used again: fresh for gc
             return digest
         with self.writer() as w:
-            w.file.write(data)
+            w.write(data)
             w.commit(digest)
         return digest
 

@@ -11,6 +11,7 @@ import subprocess
 import tarfile
 import threading
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 from hypothesis import given
@@ -71,6 +72,28 @@ def test_failed_write_leaves_nothing(cas: CAS) -> None:
         raise OSError(28, "No space left on device")
     assert list(cas.tmp_dir.iterdir()) == []
     assert list(cas.digests()) == []
+
+
+class _ShortWrites:
+    """A file whose writes take at most a few bytes, as an unbuffered write may."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+
+    def write(self, data: bytes) -> int:
+        return self._file.write(data[:7])
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._file, name)
+
+
+def test_blob_writes_are_whole_even_when_the_file_takes_part(cas: CAS) -> None:
+    data = os.urandom(1000)
+    with cas.writer() as w:
+        w.file = _ShortWrites(w.file)  # type: ignore[assignment]
+        assert w.write(data) == len(data)
+        path = w.commit("sha256:" + hashlib.sha256(data).hexdigest())
+    assert path.read_bytes() == data
 
 
 def _layer_bytes(cas: CAS, blob: LayerBlob) -> bytes:
