@@ -6,7 +6,7 @@
                               │ block i, with the last 32 KiB of block i-1 as dictionary
                               ▼
                  deflate in worker threads (ISA-L by default), one block each
-                              │ back in block order
+                              │ back in block order, on the writer thread
                               ▼
               gzip header + blocks + final block + CRC-32/size trailer
                               │
@@ -44,10 +44,16 @@ and its digest, are the same on every run and whatever the thread count;
 one thread and eight give identical blobs.  (Across machines they are the
 same as long as the deflate engine is: ISA-L picks CPU-specific kernels.)
 
-The blocks are deflated by up to ``threads`` worker threads of a pool that
-lives as long as the layer's write; at most two blocks per thread are in
-flight, and finished blocks are hashed and written in order by the calling
-thread.  A layer that fits in one block never starts a thread.
+The calling thread reads the files into blocks and hashes them (the
+diff_id); up to ``threads`` deflate threads compress the blocks; one writer
+thread takes their outputs in block order, hashes them (the digest) and
+writes them.  The threads live as long as the layer's write, and at most
+:data:`BLOCKS_PER_THREAD` blocks per deflate thread are in flight, so a
+layer of any size needs a few MiB.  With the two serial stages (tar and
+diff_id, digest and write) on threads of their own, each waits for the
+other stages only when the blocks in flight run out, and the cores stay
+busy with whichever work is ready.  The deflate engine runs on the deflate
+threads only (see :class:`_GzipBlocks` for why that matters to SHA-256).
 
 The functions here block; the builder runs them in worker threads.
 """
@@ -67,7 +73,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Protocol
 
 from isal import isal_zlib
 
@@ -96,9 +102,11 @@ DEFAULT_LEVELS = {"isal": 2, "zlib": 6, "zlib-ng": 6}
 _ZLIB_NG = "zlib_ng.zlib_ng"
 #: The deflate engine used unless configured otherwise.
 DEFAULT_ENGINE = "isal"
-#: Blocks in flight per deflate thread: enough to keep every thread busy
-#: while the calling thread reads and hashes, and bounds the memory in use.
-BLOCKS_PER_THREAD = 2
+#: Blocks in flight per deflate thread (read, being deflated, or waiting to
+#: be written): enough that neither the deflate threads nor the calling
+#: thread wait for the other when the scheduler gives one of them a little
+#: less time, and a bound on the memory in use (a block and its output each).
+BLOCKS_PER_THREAD = 4
 
 _MTIME = 1
 _TAR_BLOCK = 512
@@ -154,6 +162,12 @@ class Deflate:
 # Deflate engines: (block, dictionary) -> (raw deflate ending in a sync flush, crc32)
 
 BlockCompressor = Callable[[memoryview, bytes], tuple[bytes, int]]
+
+
+class Writable(Protocol):
+    """Where a layer's gzip bytes go: a file, or a :class:`~nixery_trio.cas.BlobWriter`."""
+
+    def write(self, data: bytes, /) -> object: ...
 
 
 def block_compressor(engine: str, level: int) -> BlockCompressor:
@@ -217,15 +231,31 @@ def _zlib_compressor(module: object, level: int) -> BlockCompressor:
 
 
 class _GzipBlocks:
-    """Deflates tar blocks (in threads) and writes them in order as one gzip member."""
+    """Deflates tar blocks in worker threads and writes them, in order, as one gzip member.
 
-    def __init__(self, out: BinaryIO, deflate: Deflate) -> None:
+    Three kinds of thread share the work: the calling thread builds the tar
+    and hashes it, ``threads`` deflate threads compress blocks, and one
+    writer thread takes each block's output in block order, hashes it and
+    writes it (the calling thread writes the header before the first block
+    is submitted and the trailer after the last is collected).
+
+    The deflate engine never runs on the calling or the writer thread:
+    ISA-L's AVX-512 code returns with the upper halves of the vector
+    registers dirty (no ``vzeroupper``), and from then on, in that thread
+    and in every thread it starts, the SHA-NI code of SHA-256 (legacy SSE
+    instructions) runs a quarter slower: 1.34 instead of 1.80 GB/s, measured
+    on the AMD EPYC of docs/benchmarks.md.
+    """
+
+    def __init__(self, out: Writable, deflate: Deflate) -> None:
         self._write_out = out.write
         self._compress = block_compressor(deflate.engine, deflate.level)
-        self._threads = deflate.threads
         self._max_in_flight = deflate.threads * BLOCKS_PER_THREAD
-        self._executor: ThreadPoolExecutor | None = None
-        self._in_flight: deque[tuple[Future[tuple[bytes, int]], bytearray, int]] = deque()
+        # Neither starts a thread before its first block.
+        self._deflaters = ThreadPoolExecutor(deflate.threads, "deflate")
+        self._writer = ThreadPoolExecutor(1, "gzip-writer")
+        # Each block's write, with the block it keeps busy until then.
+        self._in_flight: deque[tuple[Future[None], bytearray]] = deque()
         self.spare: list[bytearray] = []
         self.digest = hashlib.sha256()
         self.size = 0
@@ -235,17 +265,12 @@ class _GzipBlocks:
 
     def submit(self, block: bytearray, length: int, dictionary: bytes) -> None:
         """Deflate ``block[:length]``; ``block`` is handed over until it comes back in ``spare``."""
-        view = memoryview(block)[:length]
-        if self._threads == 1:
-            self._finish_block(*self._compress(view, dictionary), length)
-            self.spare.append(block)
-            return
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self._threads, "deflate")
         while len(self._in_flight) >= self._max_in_flight:
             self._collect_oldest()
-        future = self._executor.submit(self._compress, view, dictionary)
-        self._in_flight.append((future, block, length))
+        compressed = self._deflaters.submit(self._compress, memoryview(block)[:length], dictionary)
+        # One writer thread runs the writes in submission order: block order.
+        written = self._writer.submit(self._write_block, compressed, length)
+        self._in_flight.append((written, block))
 
     def finish(self) -> None:
         """Wait for every block, then end the deflate stream and the gzip member."""
@@ -255,21 +280,20 @@ class _GzipBlocks:
         self._emit(struct.pack("<II", self._crc, self._tar_size & 0xFFFFFFFF))
 
     def close(self) -> None:
-        """Stop the worker threads (after an error, without waiting for queued blocks)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+        """Stop the threads (after an error, without waiting for queued blocks)."""
+        self._deflaters.shutdown(wait=True, cancel_futures=True)
+        self._writer.shutdown(wait=True, cancel_futures=True)
 
     def _collect_oldest(self) -> None:
-        future, block, length = self._in_flight.popleft()
-        compressed, crc = future.result()
-        self._finish_block(compressed, crc, length)
+        written, block = self._in_flight.popleft()
+        written.result()  # raises the block's deflate or write error
         self.spare.append(block)
 
-    def _finish_block(self, compressed: bytes, crc: int, length: int) -> None:
+    def _write_block(self, compressed: Future[tuple[bytes, int]], length: int) -> None:
+        data, crc = compressed.result()
         self._crc = isal_zlib.crc32_combine(self._crc, crc, length)
         self._tar_size += length
-        self._emit(compressed)
+        self._emit(data)
 
     def _emit(self, data: bytes) -> None:
         self.digest.update(data)
@@ -477,7 +501,7 @@ def _write_tar(entries: Iterable[Entry], tar: _TarBlocks) -> None:
     tar.write(bytes(2 * _TAR_BLOCK))
 
 
-def write_layer_to(out: BinaryIO, entries: Iterable[Entry], deflate: Deflate) -> LayerBlob:
+def write_layer_to(out: Writable, entries: Iterable[Entry], deflate: Deflate) -> LayerBlob:
     """Write ``entries`` as a gzipped tar to ``out``; return its digest, diff_id and size."""
     gzip = _GzipBlocks(out, deflate)
     try:
@@ -511,6 +535,6 @@ def write_layer(
     elif level is not None and level != deflate.level:
         raise ValueError("give the level in deflate, not both")
     with cas.writer() as blob:
-        layer = write_layer_to(blob.file, entries, deflate)
+        layer = write_layer_to(blob, entries, deflate)
         blob.commit(layer.digest)
     return layer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import io
@@ -248,6 +249,63 @@ def test_threaded_deflate_is_byte_identical(
     )
     data, again = _layer(multi_block_paths, archive.Deflate(engine, level, threads=2))
     assert (data, again) == (reference, blob)
+
+
+def test_deflate_never_runs_on_the_calling_thread(
+    multi_block_paths: list[str], store_paths: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ISA-L would slow the caller's SHA-256 from then on (see archive._GzipBlocks).
+    deflating: set[int] = set()
+    real = archive.block_compressor
+
+    def recording(engine: str, level: int) -> archive.BlockCompressor:
+        compress = real(engine, level)
+
+        def deflate(block: memoryview, dictionary: bytes) -> tuple[bytes, int]:
+            deflating.add(threading.get_ident())
+            return compress(block, dictionary)
+
+        return deflate
+
+    monkeypatch.setattr(archive, "block_compressor", recording)
+    threads = threading.active_count()
+    for paths in (multi_block_paths, store_paths):
+        for deflate in (archive.Deflate(threads=1), archive.Deflate(threads=2)):
+            _layer(paths, deflate)
+    assert deflating
+    assert threading.get_ident() not in deflating
+    assert threading.active_count() == threads
+
+
+def test_a_failed_block_fails_the_layer_and_stops_its_threads(
+    multi_block_paths: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing(engine: str, level: int) -> archive.BlockCompressor:
+        def deflate(block: memoryview, dictionary: bytes) -> tuple[bytes, int]:
+            raise RuntimeError("deflate failed")
+
+        return deflate
+
+    threads = threading.active_count()
+    with monkeypatch.context() as patch:
+        patch.setattr(archive, "block_compressor", failing)
+        with pytest.raises(RuntimeError, match="deflate failed"):
+            _layer(multi_block_paths, archive.Deflate(threads=2))
+    assert threading.active_count() == threads
+
+    class Full:
+        writes = 0
+
+        def write(self, data: bytes) -> int:
+            self.writes += 1
+            if self.writes > 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return len(data)
+
+    entries = archive.store_path_entries(multi_block_paths)
+    with pytest.raises(OSError, match="No space left"):
+        archive.write_layer_to(Full(), entries, archive.Deflate(threads=2))
+    assert threading.active_count() == threads
 
 
 def test_every_level_makes_a_valid_stream(multi_block_paths: list[str]) -> None:
