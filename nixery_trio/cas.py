@@ -9,6 +9,10 @@ Layout under the storage root::
 A blob is written to a temporary file, fsynced, then renamed to its digest
 and the directory fsynced, so a blob path either does not exist or holds
 exactly the bytes its name promises, whatever moment the machine dies at.
+A large blob goes to disk while it is being written: every
+:data:`WRITEBACK_BYTES`, a thread of the writer's own runs ``fdatasync`` on
+what is there so far, so the fsync before the rename (which alone decides
+durability) waits only for the tail rather than for the whole blob.
 Temporary files left by a crash are removed at start-up.  The methods are
 blocking; the shell calls them from worker threads.
 """
@@ -21,34 +25,52 @@ import hashlib
 import os
 import secrets
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
 from .digest import digest_hex, parse_digest
 from .errors import StorageError
 
+#: Bytes written between two background ``fdatasync`` calls of a blob
+#: being written (one at a time; a blob smaller than this never starts one).
+WRITEBACK_BYTES = 16 << 20
+
 
 class BlobWriter:
     """A temporary file that becomes a blob once its digest is known.
 
-    Write with :meth:`write`; ``file`` is the open file itself.
+    Write with :meth:`write`, which also starts writing the blob back to
+    disk as it grows; ``file`` is the open file itself.
     """
 
     def __init__(self, cas: CAS, file: BinaryIO, path: Path) -> None:
         self._cas = cas
         self.file = file
         self.path = path
+        self._unsynced = 0
+        self._flusher: ThreadPoolExecutor | None = None
+        self._writeback: Future[None] | None = None
 
     def write(self, data: bytes) -> int:
         """Append all of ``data`` (an unbuffered write may take only part of it)."""
         view = memoryview(data)
         while view:
             view = view[self.file.write(view) :]
+        self._unsynced += len(data)
+        if self._unsynced >= WRITEBACK_BYTES and (
+            self._writeback is None or self._writeback.done()
+        ):
+            self._start_writeback()
         return len(data)
 
     def commit(self, digest: str) -> Path:
         """fsync, close and rename the file to ``digest``; return its path."""
         self.file.flush()
+        writeback = self._stop_writeback()
+        if writeback is not None:
+            # An error it met is reported once, to it, not again to this fsync.
+            writeback.result()
         os.fsync(self.file.fileno())
         self.file.close()
         target = self._cas.path(digest)
@@ -57,8 +79,25 @@ class BlobWriter:
         return target
 
     def close(self) -> None:
-        """Close the file (it stays a temporary file unless committed)."""
+        """Stop any writeback and close the file; if not committed, it stays temporary."""
+        self._stop_writeback()  # a blob not committed is discarded: its errors do not matter
         self.file.close()
+
+    def _start_writeback(self) -> None:
+        if self._writeback is not None:
+            self._writeback.result()  # fail early
+        if self._flusher is None:
+            self._flusher = ThreadPoolExecutor(1, "blob-writeback")
+        self._writeback = self._flusher.submit(os.fdatasync, self.file.fileno())
+        self._unsynced = 0
+
+    def _stop_writeback(self) -> Future[None] | None:
+        """Wait for the writeback under way, if any, and end its thread; return it."""
+        flusher, writeback = self._flusher, self._writeback
+        self._flusher = self._writeback = None
+        if flusher is not None:
+            flusher.shutdown(wait=True)
+        return writeback
 
 
 class CAS:

@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nixery_trio import archive
+from nixery_trio import cas as cas_module
 from nixery_trio.cache import LayerCache, ManifestCache, RecordIndex
 from nixery_trio.cas import CAS
 from nixery_trio.config import make_config
@@ -95,6 +96,39 @@ def test_blob_writes_are_whole_even_when_the_file_takes_part(cas: CAS) -> None:
         assert w.write(data) == len(data)
         path = w.commit("sha256:" + hashlib.sha256(data).hexdigest())
     assert path.read_bytes() == data
+
+
+def test_large_blobs_go_to_disk_while_they_are_written(
+    cas: CAS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    fdatasync = os.fdatasync
+    monkeypatch.setattr(cas_module, "WRITEBACK_BYTES", 1000)
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), fdatasync(fd))[1])
+    data = os.urandom(5000)
+    with cas.writer() as w:
+        for start in range(0, len(data), 600):
+            w.write(data[start : start + 600])
+        path = w.commit("sha256:" + hashlib.sha256(data).hexdigest())
+    assert synced
+    assert path.read_bytes() == data
+    assert list(cas.tmp_dir.iterdir()) == []
+
+
+def test_a_failed_writeback_fails_the_blob(cas: CAS, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The error is reported once per open file: to the background fdatasync,
+    # not again to the fsync of the commit, which must still fail.
+    def fail(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(cas_module, "WRITEBACK_BYTES", 10)
+    monkeypatch.setattr(os, "fdatasync", fail)
+    data = b"x" * 100
+    with pytest.raises(StorageError, match="Input/output error"), cas.writer() as w:
+        w.write(data)
+        w.commit("sha256:" + hashlib.sha256(data).hexdigest())
+    assert list(cas.tmp_dir.iterdir()) == []
+    assert list(cas.digests()) == []
 
 
 def _layer_bytes(cas: CAS, blob: LayerBlob) -> bytes:
