@@ -13,23 +13,29 @@ For a manifest request by tag the builder
 
 Builds run in a nursery owned by the server, not by the request: a client
 that disconnects does not cancel a build others wait for, and the result is
-cached either way.  Identical work is done once (:class:`SingleFlight`):
-concurrent requests for one image share one Nix build, and concurrent
-images sharing a layer write it once.
+cached either way.  Identical work is done once: within a process
+(:class:`SingleFlight`) concurrent requests for one image share one Nix
+build, and concurrent images sharing a layer write it once; across the
+server's worker processes (:class:`KeyLocks`) a flight first takes a lock
+file for its key and looks in the cache again, so a second process waits for
+the first one's result instead of repeating its work.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Generic, TypeVar
 
+import blake3
 import trio
 
 from . import archive, logs, nix
@@ -54,6 +60,10 @@ RECENT_SECONDS = 30
 RECENT_ENTRIES = 1024
 #: Seconds a source's cache key is reused before it is asked again.
 SOURCE_KEY_SECONDS = 1.0
+#: Lock files per kind of flight (keys hash onto them), and the longest
+#: pause between two tries of a lock another process holds.
+LOCK_STRIPES = 256
+LOCK_POLL_SECONDS = 0.05
 
 
 @dataclass
@@ -93,6 +103,72 @@ class SingleFlight(Generic[T]):
         finally:
             del self._flights[key]
             flight.done.set()
+
+
+class KeyLocks:
+    """Exclusive locks on flight keys, shared by every process on the store.
+
+    A key hashes onto one of :data:`LOCK_STRIPES` ``flock`` files in
+    ``directory`` (so the files do not pile up; two keys rarely share one,
+    and then only wait for each other).  Taking a lock polls without
+    blocking, so a waiter stays cancellable and holds no thread.  The lock
+    belongs to the open file: a process that dies releases it.
+    """
+
+    def __init__(self, directory: Path, kind: str) -> None:
+        self.directory = directory
+        self.kind = kind
+
+    def open_locks(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[HeldKey]:
+        stripe = blake3.blake3(key.encode()).digest()[0] % LOCK_STRIPES
+        path = self.directory / f"{self.kind}-{stripe:03d}"
+        asked = time.time()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            pause = 0.002
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await trio.sleep(pause)
+                    pause = min(pause * 2, LOCK_POLL_SECONDS)
+            yield HeldKey(fd, key, asked)
+        finally:
+            os.close(fd)
+
+
+@dataclass(frozen=True)
+class HeldKey:
+    """A held :class:`KeyLocks` lock; its file keeps the last failure.
+
+    Waiters in one process share a flight's error (:class:`SingleFlight`);
+    a process that waited on the lock reads it here instead, so a build that
+    failed or timed out is not run again at once by every worker.
+    """
+
+    fd: int
+    key: str
+    asked: float
+
+    def failure_while_waiting(self) -> RegistryError | None:
+        """The error of a flight for this key that ended since we asked."""
+        try:
+            entry = json.loads(os.pread(self.fd, 1 << 16, 0) or b"null")
+            if entry and entry["key"] == self.key and entry["at"] >= self.asked:
+                return RegistryError.from_json(entry["error"])
+        except (ValueError, KeyError, TypeError):
+            pass
+        return None
+
+    def record_failure(self, error: RegistryError) -> None:
+        data = json.dumps({"key": self.key, "at": time.time(), "error": error.to_json()})
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data.encode()[: 1 << 16], 0)
 
 
 def first_registry_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -168,16 +244,22 @@ class Builder:
         self.popularity = popularity
         self._images: SingleFlight[Manifest] = SingleFlight(nursery)
         self._layers: SingleFlight[LayerBlob] = SingleFlight(nursery)
+        self._image_locks = KeyLocks(config.storage_path / "locks", "image")
+        self._layer_locks = KeyLocks(config.storage_path / "locks", "layer")
         self._threads = trio.CapacityLimiter(config.build_threads)
         self._recent = RecentManifests(RECENT_ENTRIES, RECENT_SECONDS)
         self._source_keys: dict[str, tuple[str | None, float]] = {}
         self._refreshing_keys: set[str] = set()
 
-    def open(self) -> None:
-        """Create the store's layout and clear crash leftovers (blocking)."""
-        removed = self.cas.open_store()
+    def open(self, clean: bool = True) -> None:
+        """Create the store's layout and, if ``clean``, clear crash leftovers
+        (blocking).  Only the first process on a store may clean: the
+        leftovers of another running process are its work in progress.
+        """
+        removed = self.cas.open_store(clean=clean)
         self.layer_cache.index.open_index()
         self.manifest_cache.index.open_index()
+        self._image_locks.open_locks()
         if removed:
             logs.warning("storage.leftovers_removed", count=removed)
 
@@ -223,7 +305,7 @@ class Builder:
         flight_key = image_key or json.dumps(
             [self.config.source.render(tag), image.arch.nix_system, list(image.packages)]
         )
-        return await self._images.do(flight_key, partial(self._build_image, image, image_key))
+        return await self._images.do(flight_key, partial(self._build_once, image, image_key))
 
     async def manifest_for_digest(self, digest: str) -> Manifest:
         """A stored manifest by digest, or ManifestUnknown."""
@@ -312,6 +394,26 @@ class Builder:
                 os.utime(path)
         return Manifest(data=data, digest=digest, media_type=DOCKER_MANIFEST)
 
+    async def _build_once(self, image: Image, image_key: str | None) -> Manifest:
+        """Build the image, unless another process built it (or failed to)
+        while we waited for its lock."""
+        flight_key = image_key or f"{image.name}:{image.tag}"
+        async with self._image_locks.hold(flight_key) as held:
+            failure = held.failure_while_waiting()
+            if failure is not None:
+                raise failure
+            if image_key is not None:
+                cached = await trio.to_thread.run_sync(self._cached_manifest, image_key)
+                if cached is not None:
+                    logs.info("manifest.cached", image=image.name, tag=image.tag,
+                              digest=cached.digest)  # fmt: skip
+                    return cached
+            try:
+                return await self._build_image(image, image_key)
+            except RegistryError as exc:
+                held.record_failure(exc)
+                raise
+
     async def _build_image(self, image: Image, image_key: str | None) -> Manifest:
         started = time.monotonic()
         result = await nix.prepare_image(
@@ -388,11 +490,15 @@ class Builder:
         return Manifest(data=data, digest=digest, media_type=DOCKER_MANIFEST)
 
     async def _write_layer(self, image: Image, key: str, entries: Entries) -> LayerBlob:
-        # The layer may have been cached between the caller's lookup and the
-        # start of this flight (a flight for the same key that just ended).
-        cached = await trio.to_thread.run_sync(self.layer_cache.get, key)
-        if cached is not None:
-            return cached
+        async with self._layer_locks.hold(key):
+            # The layer may have been cached since the caller's lookup: by a
+            # flight for the same key that just ended, or by another process.
+            cached = await trio.to_thread.run_sync(self.layer_cache.get, key)
+            if cached is not None:
+                return cached
+            return await self._write_new_layer(image, key, entries)
+
+    async def _write_new_layer(self, image: Image, key: str, entries: Entries) -> LayerBlob:
         started = time.monotonic()
         blob = await trio.to_thread.run_sync(
             partial(archive.write_layer, self.cas, entries(), deflate=self.config.deflate),

@@ -109,12 +109,13 @@ class CAS:
         self.tmp_dir = root / "tmp"
         self.lock = StoreLock(root / "lock")
 
-    def open_store(self) -> int:
-        """Create the layout and remove leftovers of a crash; return how many."""
+    def open_store(self, clean: bool = True) -> int:
+        """Create the layout and, if ``clean``, remove leftovers of a crash;
+        return how many."""
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         removed = 0
-        for leftover in self.tmp_dir.iterdir():
+        for leftover in self.tmp_dir.iterdir() if clean else ():
             leftover.unlink(missing_ok=True)
             removed += 1
         return removed

@@ -31,6 +31,14 @@ class RegistryError(Exception):
         """The error as one entry of the registry's ``errors`` list."""
         return {"code": self.code, "message": self.message, "detail": self.detail}
 
+    @staticmethod
+    def from_json(entry: dict[str, Any]) -> RegistryError:
+        """The error :meth:`to_json` described (``InternalError`` if the code is unknown)."""
+        for kind in RegistryError.__subclasses__():
+            if kind.code == entry.get("code"):
+                return kind(str(entry.get("message", "")), entry.get("detail"))
+        return InternalError(str(entry.get("message", "")), entry.get("detail"))
+
 
 class NameInvalid(RegistryError):
     """The repository name is outside the OCI grammar or our limits."""
