@@ -104,7 +104,7 @@ def run(ctx: Context) -> list[Section]:
     argv = our_server_argv(port, storage, REPO / "nix" / "demo")
     sections = []
     with process(argv, workdir / "ours.log", f"http://127.0.0.1:{port}/v2/") as ours:
-        ours_pids = [ours.pid]
+        ours_pids = children(ours.pid)  # the parent and its workers
         sections += _blobs(ctx, storage, hex_digest, size, ours_url, ours_pids)
         sections += _manifests(ctx, port, ours_pids)
     return sections
@@ -223,7 +223,8 @@ def _without_sendfile(
     argv = our_server_argv(port, storage, REPO / "nix" / "demo", "--blob-sendfile", "0")
     url = f"http://127.0.0.1:{port}/v2/bench/blobs/sha256:{hex_digest}"
     with process(argv, ctx.workdir / "ours-reads.log", f"http://127.0.0.1:{port}/v2/") as server:
-        return {("ours-reads", c): [wrk(url, c, seconds, [server.pid])] for c in (1, 16)}
+        pids = children(server.pid)
+        return {("ours-reads", c): [wrk(url, c, seconds, pids)] for c in (1, 16)}
 
 
 def _manifests(ctx: Context, port: int, ours_pids: list[int]) -> list[Section]:

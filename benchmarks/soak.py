@@ -4,8 +4,9 @@ Every client verifies everything it pulls: the manifest against its
 ``Docker-Content-Digest`` and every blob against its digest.  Uncached
 images are random combinations of demo packages that this store has not
 built yet (each costs a Nix evaluation and usually some new layers); cached
-ones come from a small hot set.  The server's RSS is sampled throughout:
-after a minute of warm-up it must stay flat to the end.
+ones come from a small hot set.  The RSS of the server (its parent process
+and workers, summed) is sampled throughout: after a minute of warm-up it
+must stay flat to the end.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from .common import REPO, Check, Context, Section, free_port, our_server_argv, process
+from .common import REPO, Check, Context, Section, children, free_port, our_server_argv, process
 
 CLIENTS = 16
 FULL_SECONDS = float(os.environ.get("SOAK_SECONDS", "600"))
@@ -45,11 +46,14 @@ class Stats:
     rss: list[tuple[float, int]] = field(default_factory=list)
 
 
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+def rss_bytes(pids: list[int]) -> int:
+    """The summed RSS of the server's processes (the parent and its workers)."""
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+    return total
 
 
 async def pull(http: httpx.AsyncClient, base: str, name: str, stats: Stats) -> None:
@@ -95,21 +99,21 @@ async def client(seed: int, base: str, deadline: float, stats: Stats) -> None:
                 stats.errors.append(f"{name}: {type(exc).__name__}: {exc}")
 
 
-async def sample_rss(pid: int, start: float, deadline: float, stats: Stats) -> None:
+async def sample_rss(pids: list[int], start: float, deadline: float, stats: Stats) -> None:
     while trio.current_time() < deadline:
-        stats.rss.append((trio.current_time() - start, rss_bytes(pid)))
+        stats.rss.append((trio.current_time() - start, rss_bytes(pids)))
         await trio.sleep(5)
 
 
-async def soak(pid: int, base: str, seconds: float) -> Stats:
+async def soak(pids: list[int], base: str, seconds: float) -> Stats:
     stats = Stats()
     start = trio.current_time()
     deadline = start + seconds
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(sample_rss, pid, start, deadline, stats)
+        nursery.start_soon(sample_rss, pids, start, deadline, stats)
         for seed in range(CLIENTS):
             nursery.start_soon(client, seed, base, deadline, stats)
-    stats.rss.append((trio.current_time() - start, rss_bytes(pid)))
+    stats.rss.append((trio.current_time() - start, rss_bytes(pids)))
     return stats
 
 
@@ -125,7 +129,7 @@ def run(ctx: Context) -> list[Section]:
     env = {**os.environ, "NIX_CONFIG": "substituters ="}
     with process(argv, log, f"{base}/v2/", env=env) as server:
         started = time.monotonic()
-        stats = trio.run(soak, server.pid, base, seconds)
+        stats = trio.run(soak, children(server.pid), base, seconds)
         elapsed = time.monotonic() - started
     nix_builds = sum('"message":"nix.build"' in line for line in log.read_text().splitlines())
     start_rss = stats.rss[0][1]

@@ -7,7 +7,11 @@ a :class:`~nixery_trio.config.Config` and passed down explicitly.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
+import signal
+import socket
 import sys
 import urllib.request
 from collections.abc import Callable
@@ -83,31 +87,115 @@ def hypercorn_config(config: Config) -> hypercorn.config.Config:
     return hc
 
 
+def bind(config: Config) -> tuple[list[socket.socket], list[str]]:
+    """The listening sockets of ``config`` and their ``http://`` addresses."""
+    hc = hypercorn_config(config)
+    sockets = hc.create_sockets().insecure_sockets
+    for sock in sockets:
+        sock.listen(hc.backlog)
+    return sockets, [f"http://{repr_socket_addr(s.family, s.getsockname())}" for s in sockets]
+
+
 async def run_server(
     config: Config,
     popularity: dict[str, int],
+    sockets: list[socket.socket] | None = None,
     *,
+    worker: bool = False,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the registry until cancelled; report the bound addresses."""
+    """Serve the registry until cancelled; report the bound addresses.
+
+    Binds ``config``'s address unless given ``sockets``.  A ``worker`` (one
+    of several processes on the same sockets and store) leaves the store's
+    crash leftovers to the parent, which cleared them before any worker ran.
+    """
+    if sockets is None:
+        sockets, binds = bind(config)
+    else:
+        binds = [f"http://{repr_socket_addr(s.family, s.getsockname())}" for s in sockets]
     async with trio.open_nursery() as nursery:
         builder = Builder(config, CAS(config.storage_path), popularity, nursery)
-        await trio.to_thread.run_sync(builder.open)
+        await trio.to_thread.run_sync(builder.open, not worker)
         app = create_app(builder)
-        hc = hypercorn_config(config)
-        sockets = hc.create_sockets().insecure_sockets
-        for sock in sockets:
-            sock.listen(hc.backlog)
-        binds = [f"http://{repr_socket_addr(s.family, s.getsockname())}" for s in sockets]
-        await nursery.start(partial(httpserver.serve, app, hc, sockets))
+        await nursery.start(partial(httpserver.serve, app, hypercorn_config(config), sockets))
         logs.info(
-            "server.started",
+            "worker.started" if worker else "server.started",
             listen=binds,
             version=source_version(config.nix_dir),
             source=config.source.describe(),
             storage=str(config.storage_path),
         )
         task_status.started(binds)
+
+
+#: prctl(2) option: the signal this process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def _worker(config: Config, popularity: dict[str, int], sockets: list[socket.socket]) -> int:
+    """A forked worker process: serve until told to stop; the exit status."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        return 1  # the parent died before prctl took effect
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        trio.run(partial(run_server, config, popularity, sockets, worker=True))
+    except KeyboardInterrupt:
+        return 0
+    except BaseException:
+        logs.error("worker.failed", exc_info=True)
+        return 1
+    return 0
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def run_workers(config: Config, popularity: dict[str, int]) -> int:
+    """Serve from ``config.workers`` forked processes sharing one socket.
+
+    Each worker is a whole server (Python runs one thread of Python at a
+    time, so one process uses one core); the kernel spreads connections
+    over them, and builds coordinate through the store (``builder.KeyLocks``).
+    The parent binds, clears the store's crash leftovers, forks, and waits:
+    when a worker dies the others are stopped and the parent exits 1 (for
+    the service manager to restart); SIGTERM or SIGINT stops them all.
+    Workers die with the parent, even by SIGKILL.
+    """
+    sockets, binds = bind(config)
+    removed = CAS(config.storage_path).open_store(clean=True)
+    if removed:
+        logs.warning("storage.leftovers_removed", count=removed)
+    children = []
+    for _ in range(config.workers):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(_worker(config, popularity, sockets))
+        children.append(pid)
+    signal.signal(signal.SIGTERM, _stop)
+    logs.info("server.started", listen=binds, workers=children,
+              version=source_version(config.nix_dir), source=config.source.describe(),
+              storage=str(config.storage_path))  # fmt: skip
+    status = 0
+    try:
+        pid, code = os.wait()
+        children.remove(pid)
+        logs.error("worker.exited", worker=pid, status=os.waitstatus_to_exitcode(code))
+        status = 1
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+    return status
 
 
 def _settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -139,6 +227,10 @@ def serve(**raw: str | None) -> None:
         logs.error("config.invalid", message=str(exc))
         raise click.ClickException(str(exc)) from exc
     release_large_buffers()
+    if config.workers > 1:
+        status = run_workers(config, popularity)
+        logs.info("server.stopped")
+        sys.exit(status)
     try:
         trio.run(run_server, config, popularity)
     except KeyboardInterrupt:

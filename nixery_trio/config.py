@@ -39,6 +39,7 @@ class Config:
     deflate_threads: int = 1
     read_size: int = READ_SIZE
     blob_sendfile: bool = True
+    workers: int = 1
 
     @property
     def deflate(self) -> Deflate:
@@ -94,6 +95,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "--read-size", "NIXERY_READ_SIZE", "Bytes per read of a file being layered.", "1048576"
+    ),
+    Setting(
+        "--workers",
+        "NIXERY_WORKERS",
+        "Server processes sharing the port (0: one per core).",
+        "0",
     ),
     Setting(
         "--blob-sendfile",
@@ -182,6 +189,7 @@ def make_config(raw: dict[str, str | None]) -> Config:
     deflate_threads = _int("NIXERY_DEFLATE_THREADS", raw.get("deflate_threads") or "0", 0, 256)
     read_size = _int("NIXERY_READ_SIZE", raw.get("read_size") or str(READ_SIZE), 512, 1 << 30)
     sendfile = _int("NIXERY_BLOB_SENDFILE", raw.get("blob_sendfile") or "1", 0, 1)
+    workers = _int("NIXERY_WORKERS", raw.get("workers") or "0", 0, 256)
     return Config(
         host=host,
         port=port,
@@ -198,4 +206,5 @@ def make_config(raw: dict[str, str | None]) -> Config:
         deflate_threads=deflate_threads or (os.cpu_count() or 1),
         read_size=read_size,
         blob_sendfile=bool(sendfile),
+        workers=workers or (os.cpu_count() or 1),
     )

@@ -3,7 +3,8 @@
 Call sites log an event name plus fields (``log.info("layer.built",
 layer=key, digest=..., seconds=...)``).  The format is what Google Cloud
 Logging and most collectors parse: ``severity``, ``message`` (the event),
-``time`` and the fields at top level.
+``time``, the process's ``pid`` (the server may run several workers) and
+the fields at top level.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class _JsonFormatter(logging.Formatter):
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "message": record.getMessage(),
+            "pid": record.process,
         }
         fields = getattr(record, "fields", None)
         if fields:

@@ -149,16 +149,26 @@ def test_nix_timeout_kills_the_build_and_tells_every_waiter(
     assert httpx.get(f"{server.url}/v2/", timeout=10).status_code == 200
 
 
+def server_pids(server: Server) -> list[int]:
+    """The server's process and its workers."""
+    pids = [server.process.pid]
+    for task in os.listdir(f"/proc/{server.process.pid}/task"):
+        with open(f"/proc/{server.process.pid}/task/{task}/children") as children:
+            pids += [int(pid) for pid in children.read().split()]
+    return pids
+
+
 def open_blob_fds(server: Server) -> list[str]:
-    fd_dir = f"/proc/{server.process.pid}/fd"
     targets = []
-    for fd in os.listdir(fd_dir):
-        try:
-            target = os.readlink(f"{fd_dir}/{fd}")
-        except OSError:
-            continue
-        if "/blobs/sha256/" in target:
-            targets.append(target)
+    for pid in server_pids(server):
+        fd_dir = f"/proc/{pid}/fd"
+        for fd in os.listdir(fd_dir):
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if "/blobs/sha256/" in target:
+                targets.append(target)
     return targets
 
 

@@ -1,0 +1,109 @@
+"""Several server processes on one store: builds done once, workers supervised.
+
+``NIXERY_WORKERS`` forks processes that share the socket; which worker gets
+a connection is the kernel's choice, so the cross-process single flight is
+tested deterministically with two whole servers on one store (the same
+``KeyLocks`` path), and the worker processes by their life cycle.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .server import Server, start_server, wait_for
+from .test_concurrency import builder_pids, fresh_demo, server_pids
+
+
+@pytest.fixture
+def two_servers(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[list[Server]]:
+    demo, nonce = fresh_demo(tmp_path)
+    timeout = getattr(request, "param", 120)
+    servers = [
+        start_server(
+            tmp_path / name,
+            source=("--pkgs-path", str(demo)),
+            extra=("--nix-timeout", str(timeout), "--workers", "1"),
+            storage=tmp_path / "store",
+        )
+        for name in ("a", "b")
+    ]
+    for server in servers:
+        server.nonce = nonce  # type: ignore[attr-defined]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def pull_from_both(servers: list[Server], name: str, each: int) -> list[httpx.Response]:
+    urls = [f"{s.url}/v2/{name}/manifests/latest" for s in servers] * each
+    with ThreadPoolExecutor(len(urls)) as pool:
+        return list(pool.map(lambda url: httpx.get(url, timeout=120), urls))
+
+
+def test_two_processes_on_one_store_build_an_image_once(two_servers: list[Server]) -> None:
+    responses = pull_from_both(two_servers, "slow/hello", 10)
+    assert [r.status_code for r in responses] == [200] * 20
+    assert len({r.content for r in responses}) == 1
+    assert sum(s.count("nix.build") for s in two_servers) == 1
+    built = Counter(e["layer"] for s in two_servers for e in s.events("layer.built"))
+    assert built and max(built.values()) == 1
+    # The process that waited found the other's manifest in the store.
+    assert all(s.count("manifest.cached") + s.count("image.built") >= 1 for s in two_servers)
+
+
+@pytest.mark.parametrize("two_servers", [4], indirect=True)
+def test_a_timeout_in_one_process_answers_the_others_waiting(
+    two_servers: list[Server],
+) -> None:
+    responses = pull_from_both(two_servers, "hang", 2)
+    assert [r.status_code for r in responses] == [500] * 4
+    for response in responses:
+        error = response.json()["errors"][0]
+        assert error["code"] == "BUILD_TIMEOUT", error
+        assert "timed out after 4 s" in error["message"]
+    assert sum(s.count("nix.build") for s in two_servers) == 1
+    nonce = two_servers[0].nonce  # type: ignore[attr-defined]
+    wait_for(lambda: not builder_pids(nonce), 30, "the builder processes to be killed")
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1].startswith("Z")  # a zombie is gone too
+    except FileNotFoundError:
+        return True
+
+
+def test_workers_die_with_their_parent(tmp_path: Path) -> None:
+    server = start_server(tmp_path, extra=("--workers", "2"))
+    workers = server_pids(server)[1:]
+    assert len(workers) == 2
+    assert httpx.get(f"{server.url}/v2/hello/manifests/latest", timeout=120).status_code == 200
+    os.kill(server.process.pid, signal.SIGKILL)
+    server.process.wait()
+    wait_for(lambda: all(gone(pid) for pid in workers), 10, "the workers to die")
+
+
+def test_a_dead_worker_stops_the_server(tmp_path: Path) -> None:
+    server = start_server(tmp_path, extra=("--workers", "2"))
+    first, second = server_pids(server)[1:]
+    os.kill(first, signal.SIGKILL)
+    assert server.process.wait(30) == 1  # for the service manager to restart it
+    wait_for(lambda: gone(second), 10, "the other worker to stop")
+    assert [e["worker"] for e in server.events("worker.exited")] == [first]
+
+
+def test_sigterm_stops_every_worker(tmp_path: Path) -> None:
+    server = start_server(tmp_path, extra=("--workers", "2"))
+    workers = server_pids(server)[1:]
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(30) == 0
+    wait_for(lambda: all(gone(pid) for pid in workers), 10, "the workers to stop")
