@@ -46,8 +46,8 @@ from hypercorn.config import Config
 from hypercorn.events import Closed, RawData
 from hypercorn.events import Event as ConnectionEvent
 from hypercorn.protocol import ProtocolWrapper
+from hypercorn.protocol.events import Body, EndBody, Request, Response
 from hypercorn.protocol.events import Event as StreamEvent
-from hypercorn.protocol.events import Request
 from hypercorn.protocol.h11 import STREAM_ID, H11Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.trio.lifespan import Lifespan
@@ -160,11 +160,44 @@ class ZeroCopyHTTPStream(HTTPStream):
 
 
 class ZeroCopyH11Protocol(H11Protocol):
-    """HTTP/1.1 whose streams can send files; the framing stays h11's."""
+    """HTTP/1.1 whose streams can send files; the framing stays h11's.
+
+    It also writes a response's head together with its first body bytes:
+    Hypercorn sends the head, each body message and h11's (often empty) end
+    of message separately, three trips to the socket for a small response.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._forward = self.send
+        self.send = self._coalesce
+        self._held: list[bytes] | None = None
+
+    async def _coalesce(self, event: ConnectionEvent) -> None:
+        if isinstance(event, RawData):
+            if self._held is not None:
+                self._held.append(event.data)
+                return
+            if not event.data:
+                return  # the end of a Content-Length body: nothing to write
+        else:
+            await self._release()
+        await self._forward(event)
+
+    async def _release(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            await self._forward(RawData(data=b"".join(held)))
 
     async def stream_send(self, event: StreamEvent) -> None:
+        if isinstance(event, Response) and event.status_code >= 200:
+            self._held = []  # until the body starts or ends
+            await super().stream_send(event)
+            return
         if not isinstance(event, FileBody):
             await super().stream_send(event)
+            if isinstance(event, (Body, EndBody)):
+                await self._release()
             return
         try:
             parts = self._h11().send_with_data_passthrough(
