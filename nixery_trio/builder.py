@@ -46,6 +46,7 @@ from .errors import ManifestUnknown, RegistryError
 from .image import Image, parse_image
 from .layers import group_layers
 from .manifest import DOCKER_MANIFEST, LayerBlob, build_config, build_manifest, manifest_refs
+from .sources import PathSource
 
 T = TypeVar("T")
 #: A deferred walk of a layer's files (run in the worker thread).
@@ -262,6 +263,10 @@ class Builder:
         self._image_locks.open_locks()
         if removed:
             logs.warning("storage.leftovers_removed", count=removed)
+        if isinstance(self.config.source, PathSource):
+            # Hash the package set's files now, not in the first request:
+            # later keys only re-hash files whose stat changed.
+            self.config.source.cache_key("latest")
 
     def parse(self, name: str, tag: str) -> Image:
         return parse_image(name, tag, max_packages=self.config.max_packages)
@@ -328,10 +333,21 @@ class Builder:
             return None
         cached = self._recent.get("image:" + image_key)
         if cached is None:
-            cached = await trio.to_thread.run_sync(self._cached_manifest, image_key)
+            cached = await self._stored_manifest(image_key)
             if cached is not None:
                 self._recent.put("image:" + image_key, cached)
         return cached
+
+    async def _stored_manifest(self, image_key: str) -> Manifest | None:
+        """The cached manifest of an image, checked against the store.
+
+        A miss is one ``stat`` of the record, done here: a worker-thread hop
+        costs more, and every cold build asks twice (before and after taking
+        its image lock).
+        """
+        if not self.manifest_cache.index.may_have(image_key):
+            return None
+        return await trio.to_thread.run_sync(self._cached_manifest, image_key)
 
     def _asked_since(self, tag: str, moment: float) -> bool:
         """Whether the source's key for ``tag`` was asked at or after ``moment``."""
@@ -403,7 +419,7 @@ class Builder:
             if failure is not None:
                 raise failure
             if image_key is not None:
-                cached = await trio.to_thread.run_sync(self._cached_manifest, image_key)
+                cached = await self._stored_manifest(image_key)
                 if cached is not None:
                     logs.info("manifest.cached", image=image.name, tag=image.tag,
                               digest=cached.digest)  # fmt: skip

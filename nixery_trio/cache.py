@@ -45,6 +45,10 @@ class RecordIndex:
     def _path(self, key: str) -> Path:
         return self.directory / blake3.blake3(key.encode()).hexdigest()
 
+    def may_have(self, key: str) -> bool:
+        """Whether a record file for ``key`` exists (one ``stat``; ``get`` checks it)."""
+        return self._path(key).exists()
+
     def get(self, key: str) -> dict[str, Any] | None:
         path = self._path(key)
         try:
