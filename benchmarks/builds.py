@@ -7,7 +7,8 @@ The server logs the first three durations in its ``image.built`` event;
 "rest" here is the client's wall time minus those three, so it holds the
 config, manifest and cache writes (the server's own ``rest_seconds``, shown
 as "of which after the layers") and all the request handling around the
-build.
+build.  Each image is built cold on a fresh store and a freshly started
+server five times; the table shows the run with the median rest share.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from .common import NIX_ENV, REPO, Check, Context, Section, free_port, our_serve
 from .pipeline import bench_store_paths
 
 DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"
+#: Cold builds per image on fresh stores (the median run is reported).
+COLD_RUNS = 5
 
 
 def cold_build(ctx: Context, pkgs: Path, image: str, label: str) -> dict[str, float]:
@@ -111,9 +114,16 @@ def run(ctx: Context) -> list[Section]:
             ("shell/hello", REPO / "nix" / "demo", "demo"),
             ("usr-bin", REPO / "nix" / "bench", "bench"),
         ]
+    runs = 1 if ctx.quick else COLD_RUNS
     for image, pkgs, label in images:
-        split = cold_build(ctx, pkgs, image, label)
+        # One cold request lasts 0.1 s for the demo image: a single run is
+        # at the mercy of one slow fsync, so each image is built cold on
+        # fresh stores several times and the median run (by rest share) shown.
+        splits = [cold_build(ctx, pkgs, image, f"{label}-{n}") for n in range(runs)]
+        splits.sort(key=lambda split: split["rest"] / split["total"])
+        split = splits[len(splits) // 2]
         share = split["rest"] / split["total"]
+        shares = ", ".join(f"{s['rest'] / s['total']:.1%}" for s in splits)
         rows.append(
             [
                 f"{image} ({label} set)",
@@ -140,7 +150,8 @@ def run(ctx: Context) -> list[Section]:
                 share,
                 "<",
                 0.05,
-                f"{split['server rest']:.3f} s of it after the layers (config, manifest, cache)",
+                f"median of {runs} runs ({shares}); {split['server rest']:.3f} s of it after the "
+                "layers (config, manifest, cache)",
             )
         )
     graph, roots = synthetic_closure(5000)
