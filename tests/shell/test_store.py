@@ -286,9 +286,12 @@ def test_threaded_deflate_is_byte_identical(
 
 
 def test_deflate_never_runs_on_the_calling_thread(
-    multi_block_paths: list[str], store_paths: list[str], monkeypatch: pytest.MonkeyPatch
+    multi_block_paths: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # ISA-L would slow the caller's SHA-256 from then on (see archive._GzipBlocks).
+    one_block = tmp_path / "nix" / "store" / ("d" * 32 + "-tiny")
+    one_block.mkdir(parents=True)
+    (one_block / "f").write_bytes(b"tiny")
     deflating: set[int] = set()
     real = archive.block_compressor
 
@@ -303,7 +306,7 @@ def test_deflate_never_runs_on_the_calling_thread(
 
     monkeypatch.setattr(archive, "block_compressor", recording)
     threads = threading.active_count()
-    for paths in (multi_block_paths, store_paths):
+    for paths in (multi_block_paths, [str(one_block)]):
         for deflate in (archive.Deflate(threads=1), archive.Deflate(threads=2)):
             _layer(paths, deflate)
     assert deflating
