@@ -62,7 +62,7 @@ def defaults_text(sections: list[Section]) -> str:
     if "ours, sendfile" in send and "ours, no sendfile" in send:
         on, off = send["ours, sendfile"], send["ours, no sendfile"]
         lines.append(
-            f"Blob sending: sendfile (the default) moved {on[1]:,.0f} MB/s at 16 streams for "
+            f"\nBlob sending: sendfile (the default) moved {on[1]:,.0f} MB/s at 16 streams for "
             f"{on[2]:.2f} CPU s/GB, against {off[1]:,.0f} MB/s and {off[2]:.2f} s/GB with "
             "large reads through Python."
         )
