@@ -59,8 +59,6 @@ from hypercorn.utils import parse_socket_addr, suppress_body
 
 #: The ASGI extension's message type and ``scope["extensions"]`` key.
 ZEROCOPYSEND = "http.response.zerocopysend"
-#: HTTP versions served by the subclassed HTTP/1 path.
-_H11_VERSIONS = ("1.0", "1.1")
 #: Errors of a socket whose peer went away.
 _GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF)
 
