@@ -55,7 +55,8 @@ def defaults_text(sections: list[Section]) -> str:
         lines.append(
             f"Threads: the default ({d.threads}) ran at {ours / fastest_threads:.0%} of the "
             "fastest thread count in this run; more threads than cores only add memory "
-            "(two blocks in flight per thread), and the builder already writes up to "
+            f"({archive.BLOCKS_PER_THREAD} blocks in flight per thread), and the builder "
+            "already writes up to "
             "`NIXERY_BUILD_THREADS` layers at once."
         )
     send = {p[0]: p for s in sections for p in s.chart.get("blob_send", [])}
