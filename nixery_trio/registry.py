@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
@@ -47,10 +48,22 @@ MAX_HEADER_BYTES = 32 * 1024
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
+def error_body(exc: RegistryError) -> bytes:
+    """The registry JSON error document for ``exc``."""
+    return json.dumps({"errors": [exc.to_json()]}).encode()
+
+
+def internal_error(exc: Exception, path: str) -> InternalError:
+    """Log an unexpected failure of a request; the error the client gets for it."""
+    logs.error("request.failed", path=path, error=repr(exc), exc_info=True)
+    return InternalError(
+        f"internal error: {type(exc).__name__}: {exc}", {"type": type(exc).__name__}
+    )
+
+
 def error_response(exc: RegistryError, extra_headers: dict[str, str] | None = None) -> Response:
     """The registry JSON error for ``exc``, with its status."""
-    body = json.dumps({"errors": [exc.to_json()]}).encode()
-    response = Response(body, status=exc.status, content_type="application/json")
+    response = Response(error_body(exc), status=exc.status, content_type="application/json")
     response.headers[API_VERSION_HEADER[0]] = API_VERSION_HEADER[1]
     for key, value in (extra_headers or {}).items():
         response.headers[key] = value
@@ -75,17 +88,20 @@ def _manifest_response(manifest: Manifest, head: bool) -> Response:
 
 
 class FastLane:
-    """ASGI front of the Quart app for the two hot requests of every pull.
+    """ASGI front of the Quart app for the requests of every pull.
 
-    * A warm manifest GET or HEAD by tag, when the builder can answer from
-      memory (:meth:`Builder.recent_manifest`): fleets of clients repeat it,
-      and Quart's request and response objects cost more than the lookup.
-    * A blob GET or HEAD, when the server offers sendfile (the
+    * Manifest GETs and HEADs, by tag or digest: a warm one is answered from
+      memory (:meth:`Builder.recent_manifest`) at once, and fleets of clients
+      repeat it; the others wait for the builder here, and a client that
+      goes away stops only its own wait, as in Quart.  Quart's request and
+      response objects would cost more than a warm lookup.
+    * Blob GETs and HEADs, when the server offers sendfile (the
       ``http.response.zerocopysend`` extension, see ``httpserver.py``) and
       ``NIXERY_BLOB_SENDFILE`` allows it.
 
-    Everything else goes to the Quart app, including every miss and every
-    error (an unknown blob, a bad range), which Quart answers as usual.
+    Everything else goes to the Quart app, including every request whose
+    path or headers need its checks, and blob errors (an unknown blob, a bad
+    range), which Quart answers as usual.
     """
 
     def __init__(self, app: QuartTrio, builder: Builder, server_header: str) -> None:
@@ -100,11 +116,11 @@ class FastLane:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
             route = self._route(scope)
-            if route is not None and await self._answer(route, scope, send):
+            if route is not None and await self._answer(route, scope, receive, send):
                 return
         await self.app(scope, receive, send)
 
-    async def _answer(self, route: Route, scope: Any, send: Any) -> bool:
+    async def _answer(self, route: Route, scope: Any, receive: Any, send: Any) -> bool:
         head = scope["method"] == "HEAD"
         if route.kind is Kind.BLOB:
             if not self.sendfile or ZEROCOPYSEND not in scope["extensions"]:
@@ -116,16 +132,48 @@ class FastLane:
             except RegistryError:
                 return False  # nothing sent yet: Quart answers the error
             return True
-        if route.kind is Kind.MANIFEST and not route.by_digest:
+        if route.kind is not Kind.MANIFEST:
+            return False
+        manifest = None
+        if not route.by_digest:
             manifest = self.builder.recent_manifest(route.name, route.reference)
-            if manifest is None:
-                return False
-            headers = [(k.encode(), v.encode()) for k, v in manifest_headers(manifest)]
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": headers + self._common})  # fmt: skip
-            await send({"type": "http.response.body", "body": b"" if head else manifest.data})
-            return True
-        return False
+        if manifest is None:
+            answer = await self._wait_for_manifest(route, scope, receive)
+            if answer is None:
+                return True  # the client went away
+            if isinstance(answer, RegistryError):
+                await self._send_error(answer, send)
+                return True
+            manifest = answer
+        headers = [(k.encode(), v.encode()) for k, v in manifest_headers(manifest)]
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": headers + self._common})  # fmt: skip
+        await send({"type": "http.response.body", "body": b"" if head else manifest.data})
+        return True
+
+    async def _send_error(self, error: RegistryError, send: Any) -> None:
+        headers = [(b"Content-Type", b"application/json"), *self._common]
+        await send({"type": "http.response.start", "status": error.status, "headers": headers})
+        await send({"type": "http.response.body", "body": error_body(error)})
+
+    async def _wait_for_manifest(
+        self, route: Route, scope: Any, receive: Any
+    ) -> Manifest | RegistryError | None:
+        """The manifest or the error to answer; ``None`` if the client left first."""
+        answer: Manifest | RegistryError | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            try:
+                if route.by_digest:
+                    answer = await self.builder.manifest_for_digest(route.reference)
+                else:
+                    answer = await self.builder.manifest_for_tag(route.name, route.reference)
+            except RegistryError as exc:
+                answer = exc
+            except Exception as exc:
+                answer = internal_error(exc, scope["path"])
+            nursery.cancel_scope.cancel()
+        return answer
 
     @staticmethod
     def _route(scope: Any) -> Route | None:
@@ -138,6 +186,12 @@ class FastLane:
             return parse_route(path[4:])
         except RegistryError:
             return None
+
+
+async def _cancel_on_disconnect(receive: Any, scope: trio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
 
 
 def _header(scope: Any, name: bytes) -> str | None:
@@ -165,11 +219,7 @@ def create_app(builder: Builder) -> FastLane:
         status = getattr(exc, "code", None)
         if isinstance(status, int) and 400 <= status < 500:  # werkzeug HTTP errors
             return error_response(_http_error(status, exc))
-        logs.error("request.failed", path=request.path, error=repr(exc), exc_info=True)
-        failure = InternalError(
-            f"internal error: {type(exc).__name__}: {exc}", {"type": type(exc).__name__}
-        )
-        return error_response(failure)
+        return error_response(internal_error(exc, request.path))
 
     @app.route("/v2/", methods=ALL_METHODS)
     @app.route("/v2/<path:rest>", methods=ALL_METHODS)
