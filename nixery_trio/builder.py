@@ -42,6 +42,7 @@ from . import archive, logs, nix
 from .cache import LayerCache, ManifestCache
 from .cas import CAS
 from .config import Config
+from .digest import sha256_digest
 from .errors import ManifestUnknown, RegistryError
 from .image import Image, parse_image
 from .layers import group_layers
@@ -61,6 +62,11 @@ RECENT_SECONDS = 30
 RECENT_ENTRIES = 1024
 #: Seconds a source's cache key is reused before it is asked again.
 SOURCE_KEY_SECONDS = 1.0
+#: A source whose last key took less than this is asked on the event loop:
+#: a worker-thread hop costs more than that, and it happens at most once a
+#: second per tag.  (A path source then only stats its files; one whose files
+#: changed hashes them, and the time that took sends the next key to a thread.)
+INLINE_KEY_SECONDS = 0.001
 #: Lock files per kind of flight (keys hash onto them), and the longest
 #: pause between two tries of a lock another process holds.
 LOCK_STRIPES = 256
@@ -250,6 +256,8 @@ class Builder:
         self._threads = trio.CapacityLimiter(config.build_threads)
         self._recent = RecentManifests(RECENT_ENTRIES, RECENT_SECONDS)
         self._source_keys: dict[str, tuple[str | None, float]] = {}
+        #: How long the source took to answer last (see INLINE_KEY_SECONDS).
+        self._key_seconds = float("inf")
         self._refreshing_keys: set[str] = set()
 
     def open(self, clean: bool = True) -> None:
@@ -266,7 +274,7 @@ class Builder:
         if isinstance(self.config.source, PathSource):
             # Hash the package set's files now, not in the first request:
             # later keys only re-hash files whose stat changed.
-            self.config.source.cache_key("latest")
+            self._timed_source_key("latest")
 
     def parse(self, name: str, tag: str) -> Image:
         return parse_image(name, tag, max_packages=self.config.max_packages)
@@ -373,12 +381,21 @@ class Builder:
             return memo[0]
         self._refreshing_keys.add(tag)
         try:
-            key = await trio.to_thread.run_sync(self.config.source.cache_key, tag)
+            if self._key_seconds < INLINE_KEY_SECONDS:
+                key = self._timed_source_key(tag)
+            else:
+                key = await trio.to_thread.run_sync(self._timed_source_key, tag)
         finally:
             self._refreshing_keys.discard(tag)
         if len(self._source_keys) >= RECENT_ENTRIES:
             self._source_keys.clear()
         self._source_keys[tag] = (key, now)
+        return key
+
+    def _timed_source_key(self, tag: str) -> str | None:
+        started = time.perf_counter()
+        key = self.config.source.cache_key(tag)
+        self._key_seconds = time.perf_counter() - started
         return key
 
     def _cached_manifest(self, image_key: str) -> Manifest | None:
@@ -498,9 +515,9 @@ class Builder:
     def _record(self, image: Image, layers: list[LayerBlob], image_key: str | None) -> Manifest:
         """Store config and manifest, and record the manifest for the image."""
         config = build_config(arch=image.arch, layers=layers, has_bash=image.has_bash)
-        config_digest = self.cas.put_bytes(config)
+        config_digest = sha256_digest(config)
         data = build_manifest(config_digest=config_digest, config_size=len(config), layers=layers)
-        digest = self.cas.put_bytes(data)
+        _, digest = self.cas.put_many([config, data])
         if image_key is not None:
             self.manifest_cache.put(image_key, digest)
         return Manifest(data=data, digest=digest, media_type=DOCKER_MANIFEST)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
-from .digest import digest_hex, parse_digest
+from .digest import digest_hex, parse_digest, sha256_digest
 from .errors import StorageError
 
 #: Bytes written between two background ``fdatasync`` calls of a blob
@@ -64,8 +63,12 @@ class BlobWriter:
             self._start_writeback()
         return len(data)
 
-    def commit(self, digest: str) -> Path:
-        """fsync, close and rename the file to ``digest``; return its path."""
+    def commit(self, digest: str, sync_dir: bool = True) -> Path:
+        """fsync, close and rename the file to ``digest``; return its path.
+
+        Without ``sync_dir`` the caller fsyncs the blob directory itself
+        (once for several blobs) before anything may depend on the name.
+        """
         self.file.flush()
         writeback = self._stop_writeback()
         if writeback is not None:
@@ -75,7 +78,8 @@ class BlobWriter:
         self.file.close()
         target = self._cas.path(digest)
         os.rename(self.path, target)
-        self._cas.sync_dir()
+        if sync_dir:
+            self._cas.sync_dir()
         return target
 
     def close(self) -> None:
@@ -159,14 +163,25 @@ class CAS:
 
     def put_bytes(self, data: bytes) -> str:
         """Store a small blob (config, manifest); return its digest."""
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        if self.size(digest) == len(data):
-            os.utime(self.path(digest))  # used again: fresh for gc
-            return digest
-        with self.writer() as w:
-            w.write(data)
-            w.commit(digest)
-        return digest
+        return self.put_many([data])[0]
+
+    def put_many(self, blobs: list[bytes]) -> list[str]:
+        """Store small blobs, with one fsync of the directory; their digests."""
+        digests = []
+        written = False
+        for data in blobs:
+            digest = sha256_digest(data)
+            digests.append(digest)
+            if self.size(digest) == len(data):
+                os.utime(self.path(digest))  # used again: fresh for gc
+                continue
+            with self.writer() as w:
+                w.write(data)
+                w.commit(digest, sync_dir=False)
+            written = True
+        if written:
+            self.sync_dir()
+        return digests
 
     def read_bytes(self, digest: str, limit: int) -> bytes | None:
         """A small blob's bytes, or ``None`` if missing or over ``limit``."""
