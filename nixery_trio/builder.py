@@ -69,7 +69,7 @@ SOURCE_KEY_SECONDS = 1.0
 INLINE_KEY_SECONDS = 0.001
 #: Lock files per kind of flight (keys hash onto them), and the longest
 #: pause between two tries of a lock another process holds.
-LOCK_STRIPES = 256
+LOCK_STRIPES = 1024
 LOCK_POLL_SECONDS = 0.05
 
 
@@ -116,8 +116,9 @@ class KeyLocks:
     """Exclusive locks on flight keys, shared by every process on the store.
 
     A key hashes onto one of :data:`LOCK_STRIPES` ``flock`` files in
-    ``directory`` (so the files do not pile up; two keys rarely share one,
-    and then only wait for each other).  Taking a lock polls without
+    ``directory`` (so the files do not pile up; two keys seldom share one,
+    and then only wait for each other: the ten layers of an image collide
+    about once in twenty builds, which costs at most some parallelism).  Taking a lock polls without
     blocking, so a waiter stays cancellable and holds no thread.  The lock
     belongs to the open file: a process that dies releases it.
     """
@@ -131,8 +132,8 @@ class KeyLocks:
 
     @contextlib.asynccontextmanager
     async def hold(self, key: str) -> AsyncIterator[HeldKey]:
-        stripe = blake3.blake3(key.encode()).digest()[0] % LOCK_STRIPES
-        path = self.directory / f"{self.kind}-{stripe:03d}"
+        stripe = int.from_bytes(blake3.blake3(key.encode()).digest()[:4]) % LOCK_STRIPES
+        path = self.directory / f"{self.kind}-{stripe:04d}"
         asked = time.time()
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
