@@ -14,8 +14,9 @@ input must get the registry's own error, not a framework page.  Every
 failure becomes ``{"errors": [{"code", "message", "detail"}]}`` in
 :func:`error_response`, the one place that maps exceptions to statuses.
 
-Blobs are served by ``blobs.py``; :class:`FastLane` answers the hot
-requests (warm manifests, blobs by sendfile) before Quart sees them.
+Blobs are served by ``blobs.py``.  :class:`FastLane` answers the requests
+of every pull (manifests, and blobs by sendfile) before Quart sees them, with
+the same bytes and the same JSON errors.
 """
 
 from __future__ import annotations
@@ -152,9 +153,14 @@ class FastLane:
         return True
 
     async def _send_error(self, error: RegistryError, send: Any) -> None:
-        headers = [(b"Content-Type", b"application/json"), *self._common]
+        body = error_body(error)
+        headers = [
+            (b"Content-Type", b"application/json"),
+            (b"Content-Length", str(len(body)).encode()),
+            *self._common,
+        ]
         await send({"type": "http.response.start", "status": error.status, "headers": headers})
-        await send({"type": "http.response.body", "body": error_body(error)})
+        await send({"type": "http.response.body", "body": body})
 
     async def _wait_for_manifest(
         self, route: Route, scope: Any, receive: Any

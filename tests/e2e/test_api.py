@@ -166,6 +166,19 @@ def test_missing_packages_are_named(server: Server) -> None:
     assert sorted(error["detail"]["missing"]) == ["nope-one", "nope-two"]
 
 
+def test_errors_of_the_fast_lane_look_like_quarts(server: Server) -> None:
+    """A manifest error (answered before Quart) and a blob error (by Quart) alike."""
+    lane = get(server, "/v2/hello/nope-one/manifests/latest")
+    quart = get(server, "/v2/hello/blobs/sha256:" + "0" * 64)
+    assert_error(lane, 404, "MANIFEST_UNKNOWN")
+    assert_error(quart, 404, "BLOB_UNKNOWN")
+    for response in (lane, quart):
+        assert response.headers["content-length"] == str(len(response.content))
+        assert response.headers["docker-distribution-api-version"] == "registry/2.0"
+        assert response.headers["server"].startswith("nixery-trio/")
+    assert sorted(lane.headers) == sorted(quart.headers)
+
+
 def test_broken_package_says_which_derivation_failed(server: Server) -> None:
     error = assert_error(get(server, "/v2/broken/manifests/latest"), 500, "BUILD_FAILED")
     assert "broken" in error["message"] and ".drv" in error["message"]
@@ -261,7 +274,7 @@ def test_bad_ranges(server: Server, header: str) -> None:
 
 
 def test_warm_and_cold_manifest_responses_are_identical(server: Server) -> None:
-    """The first answer comes from the Quart app, the next from the warm path."""
+    """The first answer waits for the build, the next comes from memory."""
 
     def answer(method: str) -> tuple[dict[str, str], bytes]:
         response = get(server, "/v2/diamond-top/chain-b/manifests/latest", method)
