@@ -25,6 +25,7 @@ import hashlib
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,14 +70,26 @@ def _sha256_file(path: Path) -> str:
 
 
 def _diff_id(path: Path) -> str | None:
-    """sha256 of the decompressed layer, or ``None`` if it is not one whole gzip."""
+    """sha256 of the decompressed layer, or ``None`` if it is not one whole gzip.
+
+    ISA-L leaves the vector registers of the thread it runs on in a state
+    that slows OpenSSL's SHA-256 there by a quarter (see ``archive.py``), so
+    the layer is inflated on a thread of its own, a chunk ahead of the
+    hashing on this one.
+    """
     hasher = hashlib.sha256()
     inflater = isal_zlib.decompressobj(16 + 15)
     try:
-        with open(path, "rb", buffering=0) as f:
+        with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(1) as inflating:
+            ahead: Future[bytes] | None = None
             while chunk := f.read(_READ):
-                hasher.update(inflater.decompress(chunk))
-        hasher.update(inflater.flush())
+                inflated = inflating.submit(inflater.decompress, chunk)
+                if ahead is not None:
+                    hasher.update(ahead.result())
+                ahead = inflated
+            if ahead is not None:
+                hasher.update(ahead.result())
+            hasher.update(inflating.submit(inflater.flush).result())
     except Exception:  # isal's error type is not typed as an exception
         return None
     if not inflater.eof or inflater.unused_data:
