@@ -39,7 +39,7 @@ import blake3
 import trio
 
 from . import archive, logs, nix
-from .cache import LayerCache, ManifestCache
+from .cache import LayerCache, ManifestCache, RecordIndex
 from .cas import CAS
 from .config import Config
 from .digest import sha256_digest
@@ -117,18 +117,16 @@ class KeyLocks:
 
     A key hashes onto one of :data:`LOCK_STRIPES` ``flock`` files in
     ``directory`` (so the files do not pile up; two keys seldom share one,
-    and then only wait for each other: the ten layers of an image collide
-    about once in twenty builds, which costs at most some parallelism).  Taking a lock polls without
-    blocking, so a waiter stays cancellable and holds no thread.  The lock
-    belongs to the open file: a process that dies releases it.
+    and then only wait for each other: two of an image's ten layers share
+    one in about one build of twenty, which costs at most some parallelism).
+    Taking a lock polls without blocking, so a waiter stays cancellable and
+    holds no thread.  The lock belongs to the open file: a process that dies
+    releases it.
     """
 
     def __init__(self, directory: Path, kind: str) -> None:
         self.directory = directory
         self.kind = kind
-
-    def open_locks(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
 
     @contextlib.asynccontextmanager
     async def hold(self, key: str) -> AsyncIterator[HeldKey]:
@@ -177,6 +175,18 @@ class HeldKey:
         data = json.dumps({"key": self.key, "at": time.time(), "error": error.to_json()})
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, data.encode()[: 1 << 16], 0)
+
+
+async def _recorded(index: RecordIndex, look_up: Callable[[str], T | None], key: str) -> T | None:
+    """``look_up(key)`` in a worker thread, unless ``index`` has no record for it.
+
+    A miss is then one ``stat``, done on the event loop: a worker-thread hop
+    costs more, and a cold build misses each cache twice (before and after
+    taking a flight's lock).
+    """
+    if not index.may_have(key):
+        return None
+    return await trio.to_thread.run_sync(look_up, key)
 
 
 def first_registry_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -252,8 +262,9 @@ class Builder:
         self.popularity = popularity
         self._images: SingleFlight[Manifest] = SingleFlight(nursery)
         self._layers: SingleFlight[LayerBlob] = SingleFlight(nursery)
-        self._image_locks = KeyLocks(config.storage_path / "locks", "image")
-        self._layer_locks = KeyLocks(config.storage_path / "locks", "layer")
+        self._lock_dir = config.storage_path / "locks"
+        self._image_locks = KeyLocks(self._lock_dir, "image")
+        self._layer_locks = KeyLocks(self._lock_dir, "layer")
         self._threads = trio.CapacityLimiter(config.build_threads)
         self._recent = RecentManifests(RECENT_ENTRIES, RECENT_SECONDS)
         self._source_keys: dict[str, tuple[str | None, float]] = {}
@@ -269,7 +280,7 @@ class Builder:
         removed = self.cas.open_store(clean=clean)
         self.layer_cache.index.open_index()
         self.manifest_cache.index.open_index()
-        self._image_locks.open_locks()
+        self._lock_dir.mkdir(exist_ok=True)
         if removed:
             logs.warning("storage.leftovers_removed", count=removed)
         if isinstance(self.config.source, PathSource):
@@ -321,11 +332,17 @@ class Builder:
         flight_key = image_key or json.dumps(
             [self.config.source.render(tag), image.arch.nix_system, list(image.packages)]
         )
-        return await self._images.do(flight_key, partial(self._build_once, image, image_key))
+        return await self._images.do(
+            flight_key, partial(self._build_once, flight_key, image, image_key)
+        )
+
+    def recent_by_digest(self, digest: str) -> Manifest | None:
+        """The manifest ``digest`` if memory alone can answer, else ``None`` (never blocks)."""
+        return self._recent.get("digest:" + digest)
 
     async def manifest_for_digest(self, digest: str) -> Manifest:
         """A stored manifest by digest, or ManifestUnknown."""
-        manifest = self._recent.get("digest:" + digest)
+        manifest = self.recent_by_digest(digest)
         if manifest is None:
             manifest = await trio.to_thread.run_sync(self._locked_manifest, digest)
             if manifest is None:
@@ -350,15 +367,8 @@ class Builder:
         return cached
 
     async def _stored_manifest(self, image_key: str) -> Manifest | None:
-        """The cached manifest of an image, checked against the store.
-
-        A miss is one ``stat`` of the record, done here: a worker-thread hop
-        costs more, and every cold build asks twice (before and after taking
-        its image lock).
-        """
-        if not self.manifest_cache.index.may_have(image_key):
-            return None
-        return await trio.to_thread.run_sync(self._cached_manifest, image_key)
+        """The cached manifest of an image, checked against the store."""
+        return await _recorded(self.manifest_cache.index, self._cached_manifest, image_key)
 
     def _asked_since(self, tag: str, moment: float) -> bool:
         """Whether the source's key for ``tag`` was asked at or after ``moment``."""
@@ -430,10 +440,9 @@ class Builder:
                 os.utime(path)
         return Manifest(data=data, digest=digest, media_type=DOCKER_MANIFEST)
 
-    async def _build_once(self, image: Image, image_key: str | None) -> Manifest:
+    async def _build_once(self, flight_key: str, image: Image, image_key: str | None) -> Manifest:
         """Build the image, unless another process built it (or failed to)
         while we waited for its lock."""
-        flight_key = image_key or f"{image.name}:{image.tag}"
         async with self._image_locks.hold(flight_key) as held:
             failure = held.failure_while_waiting()
             if failure is not None:
@@ -529,7 +538,7 @@ class Builder:
         async with self._layer_locks.hold(key):
             # The layer may have been cached since the caller's lookup: by a
             # flight for the same key that just ended, or by another process.
-            cached = await trio.to_thread.run_sync(self.layer_cache.get, key)
+            cached = await _recorded(self.layer_cache.index, self.layer_cache.get, key)
             if cached is not None:
                 return cached
             return await self._write_new_layer(image, key, entries)
