@@ -92,10 +92,11 @@ class FastLane:
     """ASGI front of the Quart app for the requests of every pull.
 
     * Manifest GETs and HEADs, by tag or digest: a warm one is answered from
-      memory (:meth:`Builder.recent_manifest`) at once, and fleets of clients
-      repeat it; the others wait for the builder here, and a client that
-      goes away stops only its own wait, as in Quart.  Quart's request and
-      response objects would cost more than a warm lookup.
+      memory at once (:meth:`Builder.recent_manifest`,
+      :meth:`Builder.recent_by_digest`), and fleets of clients repeat it; the
+      others wait for the builder here, and a client that goes away stops
+      only its own wait, as in Quart.  Quart's request and response objects
+      would cost more than a warm lookup.
     * Blob GETs and HEADs, when the server offers sendfile (the
       ``http.response.zerocopysend`` extension, see ``httpserver.py``) and
       ``NIXERY_BLOB_SENDFILE`` allows it.
@@ -135,8 +136,9 @@ class FastLane:
             return True
         if route.kind is not Kind.MANIFEST:
             return False
-        manifest = None
-        if not route.by_digest:
+        if route.by_digest:
+            manifest = self.builder.recent_by_digest(route.reference)
+        else:
             manifest = self.builder.recent_manifest(route.name, route.reference)
         if manifest is None:
             answer = await self._wait_for_manifest(route, scope, receive)
