@@ -87,13 +87,18 @@ def hypercorn_config(config: Config) -> hypercorn.config.Config:
     return hc
 
 
-def bind(config: Config) -> tuple[list[socket.socket], list[str]]:
-    """The listening sockets of ``config`` and their ``http://`` addresses."""
+def bind(config: Config) -> list[socket.socket]:
+    """The listening sockets of ``config``."""
     hc = hypercorn_config(config)
     sockets = hc.create_sockets().insecure_sockets
     for sock in sockets:
         sock.listen(hc.backlog)
-    return sockets, [f"http://{repr_socket_addr(s.family, s.getsockname())}" for s in sockets]
+    return sockets
+
+
+def addresses(sockets: list[socket.socket]) -> list[str]:
+    """The ``http://`` addresses ``sockets`` listen on."""
+    return [f"http://{repr_socket_addr(s.family, s.getsockname())}" for s in sockets]
 
 
 async def run_server(
@@ -111,9 +116,8 @@ async def run_server(
     crash leftovers to the parent, which cleared them before any worker ran.
     """
     if sockets is None:
-        sockets, binds = bind(config)
-    else:
-        binds = [f"http://{repr_socket_addr(s.family, s.getsockname())}" for s in sockets]
+        sockets = bind(config)
+    binds = addresses(sockets)
     async with trio.open_nursery() as nursery:
         builder = Builder(config, CAS(config.storage_path), popularity, nursery)
         await trio.to_thread.run_sync(builder.open, not worker)
@@ -166,7 +170,7 @@ def run_workers(config: Config, popularity: dict[str, int]) -> int:
     the service manager to restart); SIGTERM or SIGINT stops them all.
     Workers die with the parent, even by SIGKILL.
     """
-    sockets, binds = bind(config)
+    sockets = bind(config)
     removed = CAS(config.storage_path).open_store(clean=True)
     if removed:
         logs.warning("storage.leftovers_removed", count=removed)
@@ -177,7 +181,7 @@ def run_workers(config: Config, popularity: dict[str, int]) -> int:
             os._exit(_worker(config, popularity, sockets))
         children.append(pid)
     signal.signal(signal.SIGTERM, _stop)
-    logs.info("server.started", listen=binds, workers=children,
+    logs.info("server.started", listen=addresses(sockets), workers=children,
               version=source_version(config.nix_dir), source=config.source.describe(),
               storage=str(config.storage_path))  # fmt: skip
     status = 0
