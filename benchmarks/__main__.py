@@ -56,8 +56,7 @@ def defaults_text(sections: list[Section]) -> str:
             f"Threads: the default ({d.threads}) ran at {ours / fastest_threads:.0%} of the "
             "fastest thread count in this run; more threads than cores only add memory "
             f"({archive.BLOCKS_PER_THREAD} blocks in flight per thread), and the builder "
-            "already writes up to "
-            "`NIXERY_BUILD_THREADS` layers at once."
+            "already writes up to `NIXERY_BUILD_THREADS` layers at once."
         )
     send = {p[0]: p for s in sections for p in s.chart.get("blob_send", [])}
     if "ours, sendfile" in send and "ours, no sendfile" in send:

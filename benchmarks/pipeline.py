@@ -406,11 +406,17 @@ def run(ctx: Context) -> list[Section]:
 def alternating(
     cas: CAS, paths: list[str], settings: list[archive.Deflate], rounds: int
 ) -> list[tuple[float, int, str]]:
-    """Median seconds, size and digest of each setting, the settings run in turn each round."""
+    """Median seconds, size and digest of each setting, the settings run in turn each round.
+
+    Raises if a setting's layer digest differs from one round to the next.
+    """
     runs: list[list[tuple[float, int, str]]] = [[] for _ in settings]
     for _ in range(rounds):
         for index, deflate in enumerate(settings):
             runs[index].append(time_ours(cas, paths, deflate))
+    for deflate, found in zip(settings, runs, strict=True):
+        if len({r[2] for r in found}) != 1:
+            raise AssertionError(f"{deflate} gave different digests from run to run")
     return [(statistics.median(r[0] for r in found), found[0][1], found[0][2]) for found in runs]
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks.common import children
+
 from .server import DEMO, Server, start_server, wait_for
 
 
@@ -151,11 +153,7 @@ def test_nix_timeout_kills_the_build_and_tells_every_waiter(
 
 def server_pids(server: Server) -> list[int]:
     """The server's process and its workers."""
-    pids = [server.process.pid]
-    for task in os.listdir(f"/proc/{server.process.pid}/task"):
-        with open(f"/proc/{server.process.pid}/task/{task}/children") as children:
-            pids += [int(pid) for pid in children.read().split()]
-    return pids
+    return children(server.process.pid)
 
 
 def open_blob_fds(server: Server) -> list[str]:
