@@ -122,7 +122,14 @@ async def run_server(
         builder = Builder(config, CAS(config.storage_path), popularity, nursery)
         await trio.to_thread.run_sync(builder.open, not worker)
         app = create_app(builder)
-        await nursery.start(partial(httpserver.serve, app, hypercorn_config(config), sockets))
+        serving = partial(
+            httpserver.serve,
+            app,
+            hypercorn_config(config),
+            sockets,
+            send_timeout=config.send_timeout,
+        )
+        await nursery.start(serving)
         logs.info(
             "worker.started" if worker else "server.started",
             listen=binds,

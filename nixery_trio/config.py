@@ -40,6 +40,7 @@ class Config:
     read_size: int = READ_SIZE
     blob_sendfile: bool = True
     workers: int = 1
+    send_timeout: float = 60.0
 
     @property
     def deflate(self) -> Deflate:
@@ -108,6 +109,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Send blobs with sendfile(2) (1), or read them through Python (0).",
         "1",
     ),
+    Setting(
+        "--send-timeout",
+        "NIXERY_SEND_TIMEOUT",
+        "Seconds a response may wait for its client to take more bytes; then the "
+        "connection is closed.",
+        "60",
+    ),
 )
 
 
@@ -118,6 +126,16 @@ def _int(name: str, raw: str | None, lo: int, hi: int) -> int:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
     if not lo <= value <= hi:
         raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _seconds(name: str, raw: str | None, default: str) -> float:
+    try:
+        value = float(raw or default)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{name} must be a positive number of seconds, got {raw!r}")
     return value
 
 
@@ -167,12 +185,7 @@ def make_config(raw: dict[str, str | None]) -> Config:
     storage = raw.get("storage_path")
     if not storage:
         raise ConfigError("STORAGE_PATH (--storage-path) must be set for the filesystem backend")
-    try:
-        timeout = float(raw.get("nix_timeout") or "60")
-    except ValueError:
-        raise ConfigError(f"NIX_TIMEOUT must be a number, got {raw.get('nix_timeout')!r}") from None
-    if timeout <= 0:
-        raise ConfigError("NIX_TIMEOUT must be positive")
+    timeout = _seconds("NIX_TIMEOUT", raw.get("nix_timeout"), "60")
     nix_dir = Path(raw.get("nix_dir") or DEFAULT_NIX_DIR).resolve()
     if not (nix_dir / "prepare-image.nix").is_file():
         raise ConfigError(f"{nix_dir}/prepare-image.nix not found (set NIXERY_NIX_DIR)")
@@ -207,4 +220,5 @@ def make_config(raw: dict[str, str | None]) -> Config:
         read_size=read_size,
         blob_sendfile=bool(sendfile),
         workers=workers or (os.cpu_count() or 1),
+        send_timeout=_seconds("NIXERY_SEND_TIMEOUT", raw.get("send_timeout"), "60"),
     )

@@ -19,6 +19,13 @@ subclassed, and nothing else changes::
         ──SendFile──────▶ ZeroCopyTCPServer    (os.sendfile on the socket, under
                                                the same send lock as all bytes)
 
+Every send of a connection, files and ordinary bytes alike, is bounded by
+a *send timeout*, as nginx's ``send_timeout``: a client that takes no bytes
+for that long has its connection closed.  Sends are shielded from
+cancellation (a response cut short would leave the connection mid-body),
+so without the bound a client that stops reading would hold its response,
+and a worker's graceful shutdown, forever.
+
 The placeholder is h11's documented sendfile support
 (``Connection.send_with_data_passthrough``): h11 only takes its ``len``.
 HTTP/2 connections stay stock Hypercorn and do not advertise the extension.
@@ -32,6 +39,7 @@ running connections as :class:`ZeroCopyTCPServer`.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -55,10 +63,14 @@ from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
-from hypercorn.utils import parse_socket_addr, suppress_body
+from hypercorn.utils import parse_socket_addr, repr_socket_addr, suppress_body
+
+from . import logs
 
 #: The ASGI extension's message type and ``scope["extensions"]`` key.
 ZEROCOPYSEND = "http.response.zerocopysend"
+#: Seconds a response may wait for its client to take more bytes (nginx's default).
+SEND_TIMEOUT = 60.0
 #: Errors of a socket whose peer went away.
 _GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF)
 
@@ -93,23 +105,45 @@ class _Placeholder:
         return self.body.count
 
 
-async def sendfile_all(sock: trio.socket.SocketType, fd: int, offset: int, count: int) -> None:
+async def sendfile_all(
+    sock: trio.socket.SocketType, fd: int, offset: int, count: int, stall: float = math.inf
+) -> None:
     """Send ``count`` bytes of ``fd`` from ``offset`` on non-blocking ``sock``.
 
-    Raises :class:`BrokenPipeError` and friends when the peer goes away, and
-    :class:`EOFError` if the file ends before ``count`` bytes.
+    Raises :class:`BrokenPipeError` and friends when the peer goes away,
+    :class:`EOFError` if the file ends before ``count`` bytes, and
+    :class:`trio.TooSlowError` if the peer takes no bytes for ``stall`` seconds.
     """
     out = sock.fileno()
-    end = offset + count
-    while offset < end:
+
+    def write(done: int) -> int:
+        return os.sendfile(out, fd, offset + done, count - done)
+
+    await _transmit(sock, count, write, stall)
+
+
+async def send_all(sock: trio.socket.SocketType, data: bytes, stall: float = math.inf) -> None:
+    """Send all of ``data`` on non-blocking ``sock``, with :func:`sendfile_all`'s errors."""
+    out, view = sock.fileno(), memoryview(data)
+    await _transmit(sock, len(view), lambda done: os.write(out, view[done:]), stall)
+
+
+async def _transmit(
+    sock: trio.socket.SocketType, count: int, write: Callable[[int], int], stall: float
+) -> None:
+    """Call ``write(bytes_done)`` until ``count`` bytes are out, waiting while ``sock`` is full."""
+    done = 0
+    while done < count:
         try:
-            sent = os.sendfile(out, fd, offset, end - offset)
+            sent = write(done)
         except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-            continue
+            with trio.move_on_after(stall):
+                await trio.lowlevel.wait_writable(sock)
+                continue
+            raise trio.TooSlowError(f"the client took no bytes for {stall} s") from None
         if sent == 0:
-            raise EOFError(f"file ended {end - offset} bytes before the response did")
-        offset += sent
+            raise EOFError(f"the body ended {count - done} bytes before the response did")
+        done += sent
     await trio.lowlevel.checkpoint()
 
 
@@ -245,13 +279,23 @@ class ZeroCopyH11Protocol(H11Protocol):
 
 
 class ZeroCopyTCPServer(TCPServer):
-    """A plain-TCP connection whose HTTP/1.1 responses can carry files."""
+    """A plain-TCP connection whose HTTP/1.1 responses can carry files.
+
+    Every send gives up, and closes the connection, once the client has
+    taken no bytes for ``send_timeout`` seconds.
+    """
+
+    def __init__(self, *args: Any, send_timeout: float = SEND_TIMEOUT) -> None:
+        super().__init__(*args)
+        self.send_timeout = send_timeout
+        self.peer = ""  # the client's address, for logs
 
     async def run(self) -> None:
         sock = self.stream.socket
         try:
             client = parse_socket_addr(sock.family, sock.getpeername())
             server = parse_socket_addr(sock.family, sock.getsockname())
+            self.peer = repr_socket_addr(sock.family, sock.getpeername())
             async with TaskGroup() as task_group:
                 self._task_group = task_group
                 self.protocol = ProtocolWrapper(
@@ -273,7 +317,14 @@ class ZeroCopyTCPServer(TCPServer):
             await self._close()
 
     async def protocol_send(self, event: ConnectionEvent) -> None:
-        if not isinstance(event, SendFile):
+        sock = self.stream.socket
+        if isinstance(event, RawData):
+            sending = partial(send_all, sock, event.data, self.send_timeout)
+        elif isinstance(event, SendFile):
+            sending = partial(
+                sendfile_all, sock, event.fd, event.offset, event.count, self.send_timeout
+            )
+        else:
             await super().protocol_send(event)
             return
         async with self.send_lock:
@@ -281,13 +332,13 @@ class ZeroCopyTCPServer(TCPServer):
                 # Shielded like Hypercorn's own sends: a response cut short
                 # by cancellation would leave the connection mid-body.
                 with trio.CancelScope(shield=True):
-                    sock = self.stream.socket
-                    await sendfile_all(sock, event.fd, event.offset, event.count)
-            except OSError as exc:
-                if exc.errno not in _GONE:
-                    raise
-                await self.protocol.handle(Closed())
-            except (trio.ClosedResourceError, EOFError):
+                    await sending()
+            except (OSError, EOFError, trio.TooSlowError, trio.ClosedResourceError) as exc:
+                # The response cannot go on, so neither can the connection.
+                if isinstance(exc, trio.TooSlowError):
+                    logs.warning("client.stalled", client=self.peer, send_timeout=self.send_timeout)
+                elif isinstance(exc, OSError) and exc.errno not in _GONE:
+                    logs.warning("client.send_failed", client=self.peer, error=str(exc))
                 await self._close()
                 await self.protocol.handle(Closed())
 
@@ -297,13 +348,15 @@ async def serve(
     config: Config,
     sockets: list[socket.socket],
     *,
+    send_timeout: float = SEND_TIMEOUT,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ASGI ``app`` on listening ``sockets`` until cancelled.
 
     Hypercorn's ``worker_serve`` for plain TCP: lifespan startup, then every
-    connection in :class:`ZeroCopyTCPServer`; on cancellation, connections
-    get ``config.graceful_timeout`` to finish before lifespan shutdown.
+    connection in :class:`ZeroCopyTCPServer` (with ``send_timeout``); on
+    cancellation, connections get ``config.graceful_timeout`` to finish
+    before lifespan shutdown.
     """
     wrapped = ASGIWrapper(app)
     lifespan_state: dict[str, Any] = {}
@@ -315,7 +368,12 @@ async def serve(
         async with trio.open_nursery() as server_nursery:
             listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
             handler = partial(
-                ZeroCopyTCPServer, wrapped, config, context, ConnectionState(lifespan_state.copy())
+                ZeroCopyTCPServer,
+                wrapped,
+                config,
+                context,
+                ConnectionState(lifespan_state.copy()),
+                send_timeout=send_timeout,
             )
             task_status.started()
             try:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import socket
+from pathlib import Path
 
 import httpx
 import pytest
 
-from .server import Server, start_server
+from .server import Server, start_server, wait_for
 
 MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 
@@ -288,3 +290,35 @@ def test_warm_and_cold_manifest_responses_are_identical(server: Server) -> None:
     assert warm == cold
     assert answer("HEAD") == (cold[0], b"")
     assert server.count("manifest.cached") == cached_before + 2
+
+
+@pytest.mark.parametrize("sendfile", ["1", "0"])
+def test_a_client_that_stops_reading_a_blob_is_cut_off(tmp_path: Path, sendfile: str) -> None:
+    server = start_server(tmp_path, extra=("--send-timeout", "1", "--blob-sendfile", sendfile))
+    try:
+        manifest = get(server, "/v2/shell/manifests/latest", headers={"Accept": MANIFEST}).json()
+        layer = max(manifest["layers"], key=lambda entry: entry["size"])
+        host, port = server.host.rsplit(":", 1)
+        # A receive window of a few KiB keeps the server's send buffer small,
+        # so a blob of a MB stalls as soon as the client stops reading.
+        with socket.socket() as stalled:
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+            stalled.settimeout(30)
+            stalled.connect((host, int(port)))
+            request = f"GET /v2/shell/blobs/{layer['digest']} HTTP/1.1\r\nhost: test\r\n\r\n"
+            stalled.sendall(request.encode())
+            received = len(stalled.recv(100))
+            client = f"127.0.0.1:{stalled.getsockname()[1]}"
+            wait_for(
+                lambda: any(e["client"] == client for e in server.events("client.stalled")),
+                30,
+                "the server to give up on the stalled client",
+            )
+            assert get(server, "/v2/").status_code == 200  # and it keeps serving
+            while chunk := stalled.recv(1 << 20):
+                received += len(chunk)
+        assert received < layer["size"]
+        [event] = server.events("client.stalled")
+        assert event["send_timeout"] == 1
+    finally:
+        server.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -179,4 +180,75 @@ async def test_a_file_shorter_than_promised_closes_the_connection(tmp_path: Path
             while chunk := await stream.receive_some(1000):
                 received += chunk
         assert received.endswith(b"\r\n\r\n0123456789")  # then closed, never hangs
+        nursery.cancel_scope.cancel()
+
+
+BIG = 64 << 20  # far more than the kernel buffers of a loopback connection
+
+
+class BigApp:
+    """Answers every request with ``BIG`` bytes: a sparse file, or plain body messages."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.finished = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        size = BIG if scope["path"] == "/big" else 5
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(size).encode())]})  # fmt: skip
+        if "plain" in scope["query_string"].decode() or size != BIG:
+            piece = bytes(min(size, 1 << 20))
+            for _ in range(size // len(piece)):
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        else:
+            with open(self.path, "rb") as f:
+                await send({"type": ZEROCOPYSEND, "file": f.fileno(), "offset": 0, "count": BIG})
+        self.finished += 1
+
+
+@pytest.mark.parametrize("body", ["file", "plain"])
+async def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout(
+    tmp_path: Path, body: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "big"
+    with open(path, "wb") as f:
+        f.truncate(BIG)
+    app = BigApp(path)
+    sock = socket.create_server(("127.0.0.1", 0))
+    config = hypercorn.config.Config()
+    config.accesslog = config.errorlog = None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(serve, app, config, [sock], send_timeout=0.5))
+        stalled = trio.socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            await stalled.connect(sock.getsockname())
+            query = "?plain=1" if body == "plain" else ""
+            await stalled.send(f"GET /big{query} HTTP/1.1\r\nhost: test\r\n\r\n".encode())
+            received = len(await stalled.recv(1000))
+            # Stop reading: the response stalls, then the server gives up on it
+            # and the app, whose sends now go nowhere, finishes.
+            with trio.fail_after(10):
+                while not app.finished:
+                    await trio.sleep(0.05)
+            assert any(r.getMessage() == "client.stalled" for r in caplog.records)
+            # Meanwhile and after, other clients are served.
+            client = Client(await trio.open_tcp_stream("127.0.0.1", sock.getsockname()[1]))
+            assert (await client.get("/small"))[1] == bytes(5)
+            # What the server had sent before it closed is there, then the end.
+            with trio.fail_after(10):
+                while chunk := await stalled.recv(1 << 20):
+                    received += len(chunk)
+            assert received < BIG
+        finally:
+            # Reset the connection, so a server that still waits stops waiting.
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            stalled.close()
         nursery.cancel_scope.cancel()

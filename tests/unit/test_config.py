@@ -22,6 +22,8 @@ def test_path_source_and_defaults(tmp_path: Path) -> None:
     assert config.max_packages == 64
     assert config.blob_sendfile is True
     assert make_config(raw(pkgs_path=str(tmp_path), blob_sendfile="0")).blob_sendfile is False
+    assert config.send_timeout == 60
+    assert make_config(raw(pkgs_path=str(tmp_path), send_timeout="2.5")).send_timeout == 2.5
 
 
 def test_port_alone_means_all_interfaces() -> None:
@@ -49,6 +51,10 @@ def test_listen_wins_over_port() -> None:
         ({"pkgs_path": "/does/not/exist"}, "not a directory"),
         ({"channel": "a", "layer_budget": "0"}, "NIXERY_LAYER_BUDGET"),
         ({"channel": "a", "blob_sendfile": "yes"}, "NIXERY_BLOB_SENDFILE"),
+        ({"channel": "a", "send_timeout": "0"}, "NIXERY_SEND_TIMEOUT must be a positive"),
+        ({"channel": "a", "send_timeout": "inf"}, "NIXERY_SEND_TIMEOUT must be a positive"),
+        ({"channel": "a", "send_timeout": "nan"}, "NIXERY_SEND_TIMEOUT must be a positive"),
+        ({"channel": "a", "send_timeout": "1m"}, "NIXERY_SEND_TIMEOUT must be a number"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(values: dict[str, str], message: str) -> None:
