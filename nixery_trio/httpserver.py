@@ -24,7 +24,7 @@ a *send timeout*, as nginx's ``send_timeout``: a client that takes no bytes
 for that long has its connection closed.  Sends are shielded from
 cancellation (a response cut short would leave the connection mid-body),
 so without the bound a client that stops reading would hold its response,
-and a worker's graceful shutdown, forever.
+and :func:`serve`'s graceful shutdown, forever.
 
 The placeholder is h11's documented sendfile support
 (``Connection.send_with_data_passthrough``): h11 only takes its ``len``.
