@@ -6,7 +6,9 @@ Two ways to send the bytes, chosen per request:
   ``http.response.zerocopysend`` extension (our Hypercorn, HTTP/1.1, see
   ``httpserver.py``): the kernel copies page-cache pages to the socket and
   the bytes never enter Python.  The blob's descriptor is opened once, in one
-  worker-thread hop that also takes its size.
+  worker-thread hop that also takes its size.  A piece not in the page cache
+  is read in on a worker thread before it is sent, so that sendfile does not
+  wait for the disk on the event loop (``pagecache.py``).
 * **large reads** (:class:`BlobBody`, through Quart) otherwise: ``pread``
   calls in worker threads, each chunk handed to the server as bytes.
 
@@ -26,6 +28,7 @@ import trio
 from quart import Response
 from quart.wrappers.response import ResponseBody
 
+from . import pagecache
 from .cas import CAS
 from .errors import BlobUnknown
 from .httprange import parse_range
@@ -114,6 +117,8 @@ async def send_blob(
         offset, end = reply.first, reply.first + reply.length
         while offset < end:
             count = min(SENDFILE_PIECE, end - offset)
+            if not pagecache.resident(fd, offset, count):
+                await trio.to_thread.run_sync(pagecache.read_in, fd, offset, count)
             await send({"type": ZEROCOPYSEND, "file": fd, "offset": offset, "count": count,
                         "more_body": offset + count < end})  # fmt: skip
             offset += count

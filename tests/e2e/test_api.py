@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
 import socket
 from pathlib import Path
 
 import httpx
 import pytest
+
+from nixery_trio import pagecache
 
 from .server import Server, start_server, wait_for
 
@@ -87,6 +90,24 @@ def test_tags_list(server: Server) -> None:
         "name": "shell/hello",
         "tags": ["latest"],
     }
+
+
+def test_blobs_not_in_the_page_cache_are_served_whole(server: Server) -> None:
+    manifest = get(server, "/v2/shell/manifests/latest", headers={"Accept": MANIFEST}).json()
+    layer = max(manifest["layers"], key=lambda entry: entry["size"])
+    path = server.storage / "blobs" / "sha256" / layer["digest"].removeprefix("sha256:")
+    for headers, first in (({}, 0), ({"Range": "bytes=5000-"}, 5000)):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # blobs are fsynced: clean
+            assert not pagecache.resident(fd, 0, layer["size"])
+            response = get(server, f"/v2/shell/blobs/{layer['digest']}", headers=headers)
+            assert pagecache.resident(fd, first, layer["size"] - first)
+        finally:
+            os.close(fd)
+        whole = path.read_bytes()
+        assert response.content == whole[first:]
+    assert "sha256:" + hashlib.sha256(whole).hexdigest() == layer["digest"]
 
 
 def test_range_requests(server: Server) -> None:
