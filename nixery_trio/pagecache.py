@@ -15,6 +15,9 @@ asked with one-byte reads that must not wait (``preadv2`` with
 enough for the event loop (about 1 us a probe, where ``mincore(2)`` over
 every page of 8 MiB took 120 us here).  Pages leave the cache in runs, not
 one by one, but a hole between two probes can still make sendfile wait.
+And a probe sometimes finds a cached page unavailable (twice in a 10 s load
+test on a cached blob, here): that costs one needless read of the piece in
+a worker thread, never a wrong byte.
 """
 
 from __future__ import annotations
