@@ -245,6 +245,18 @@ class RecentManifests:
             self._memo.popitem(last=False)
 
 
+def log_store_opened(cas: CAS, removed: int | None) -> None:
+    """Log what :meth:`CAS.open_store` found: leftovers removed, or another server."""
+    if removed is None:
+        logs.warning(
+            "storage.in_use",
+            storage=str(cas.root),
+            detail="another server uses this store; its files in tmp/ are left alone",
+        )
+    elif removed:
+        logs.warning("storage.leftovers_removed", count=removed)
+
+
 class Builder:
     """Turns image names into manifests whose blobs are all in the CAS."""
 
@@ -273,16 +285,15 @@ class Builder:
         self._refreshing_keys: set[str] = set()
 
     def open(self, clean: bool = True) -> None:
-        """Create the store's layout and, if ``clean``, clear crash leftovers
-        (blocking).  Only the first process on a store may clean: the
-        leftovers of another running process are its work in progress.
+        """Create the store's layout and, if ``clean``, serve it and clear crash
+        leftovers (blocking; see ``CAS.open_store``).  Workers pass False:
+        their parent did both before it forked them.
         """
         removed = self.cas.open_store(clean=clean)
         self.layer_cache.index.open_index()
         self.manifest_cache.index.open_index()
         self._lock_dir.mkdir(exist_ok=True)
-        if removed:
-            logs.warning("storage.leftovers_removed", count=removed)
+        log_store_opened(self.cas, removed)
         if isinstance(self.config.source, PathSource):
             # Hash the package set's files now, not in the first request:
             # later keys only re-hash files whose stat changed.  The second

@@ -5,6 +5,7 @@ Layout under the storage root::
     blobs/sha256/<64 hex>   one file per blob, named by its SHA-256
     tmp/<random>.part       blobs being written
     lock                    builds (shared) against gc (exclusive)
+    serving                 held (shared) by every server using the store
 
 A blob is written to a temporary file, fsynced, then renamed to its digest
 and the directory fsynced, so a blob path either does not exist or holds
@@ -13,8 +14,9 @@ A large blob goes to disk while it is being written: every
 :data:`WRITEBACK_BYTES`, a thread of the writer's own runs ``fdatasync`` on
 what is there so far, so the fsync before the rename (which alone decides
 durability) waits only for the tail rather than for the whole blob.
-Temporary files left by a crash are removed at start-up.  The methods are
-blocking; the shell calls them from worker threads.
+Temporary files left by a crash are removed at start-up, by a server that
+finds no other server using the store (:meth:`CAS.open_store`).  The
+methods are blocking; the shell calls them from worker threads.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import contextlib
 import fcntl
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +34,10 @@ from typing import BinaryIO
 from .digest import digest_hex, parse_digest, sha256_digest
 from .errors import StorageError
 
+#: Seconds a starting server waits for the store's other servers to be gone
+#: (the workers of a killed server take a moment to die) before it leaves
+#: ``tmp/`` alone.
+SERVING_WAIT = 3.0
 #: Bytes written between two background ``fdatasync`` calls of a blob
 #: being written (one at a time; a blob smaller than this never starts one).
 WRITEBACK_BYTES = 16 << 20
@@ -112,17 +119,45 @@ class CAS:
         self.blob_dir = root / "blobs" / "sha256"
         self.tmp_dir = root / "tmp"
         self.lock = StoreLock(root / "lock")
+        self._serving: int | None = None
 
-    def open_store(self, clean: bool = True) -> int:
-        """Create the layout and, if ``clean``, remove leftovers of a crash;
-        return how many."""
+    def open_store(self, clean: bool = True, wait: float = SERVING_WAIT) -> int | None:
+        """Create the layout; with ``clean``, serve the store and remove crash leftovers.
+
+        Serving means holding the ``serving`` lock shared for as long as this
+        object lives (forked workers share their parent's).  Leftovers in
+        ``tmp/`` are removed only under the lock held exclusively, which
+        needs every other server gone: the files of a running server are its
+        work in progress.  After ``wait`` seconds of trying, the leftovers are
+        left alone.  Returns how many were removed, or ``None`` when another
+        server holds the store.
+        """
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        removed = 0
-        for leftover in self.tmp_dir.iterdir() if clean else ():
-            leftover.unlink(missing_ok=True)
-            removed += 1
-        return removed
+        if not clean:
+            return 0
+        if self._serving is not None:
+            os.close(self._serving)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        self._serving = fd = os.open(self.root / "serving", flags, 0o644)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    fcntl.flock(fd, fcntl.LOCK_SH)
+                    return None
+                time.sleep(0.05)
+        try:
+            removed = 0
+            for leftover in self.tmp_dir.iterdir():
+                leftover.unlink(missing_ok=True)
+                removed += 1
+            return removed
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_SH)
 
     def path(self, digest: str) -> Path:
         """Where the blob ``digest`` lives (whether or not it exists)."""

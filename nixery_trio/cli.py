@@ -25,7 +25,7 @@ import trio
 from hypercorn.utils import repr_socket_addr
 
 from . import httpserver, logs, maintenance
-from .builder import Builder
+from .builder import Builder, log_store_opened
 from .cas import CAS
 from .config import SETTINGS, Config, make_config
 from .errors import ConfigError
@@ -178,9 +178,8 @@ def run_workers(config: Config, popularity: dict[str, int]) -> int:
     Workers die with the parent, even by SIGKILL.
     """
     sockets = bind(config)
-    removed = CAS(config.storage_path).open_store(clean=True)
-    if removed:
-        logs.warning("storage.leftovers_removed", count=removed)
+    cas = CAS(config.storage_path)
+    log_store_opened(cas, cas.open_store(clean=True))
     children = []
     for _ in range(config.workers):
         pid = os.fork()

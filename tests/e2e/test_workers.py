@@ -107,3 +107,32 @@ def test_sigterm_stops_every_worker(tmp_path: Path) -> None:
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(30) == 0
     wait_for(lambda: all(gone(pid) for pid in workers), 10, "the workers to stop")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_second_server_leaves_the_first_ones_work_in_progress_alone(
+    tmp_path: Path, workers: str
+) -> None:
+    storage = tmp_path / "store"
+    first = start_server(tmp_path / "first", extra=("--workers", workers), storage=storage)
+    work = storage / "tmp" / "in-progress.part"  # a layer the first server is writing
+    try:
+        work.write_bytes(b"half a layer")
+        second = start_server(tmp_path / "second", extra=("--workers", workers), storage=storage)
+        try:
+            assert work.exists()
+            assert second.count("storage.in_use") == 1
+            assert second.count("storage.leftovers_removed") == 0
+            assert httpx.get(f"{second.url}/v2/", timeout=30).status_code == 200
+        finally:
+            second.stop()
+    finally:
+        first.stop()
+    # Alone on the store, a server clears what a dead one left.
+    third = start_server(tmp_path / "third", extra=("--workers", workers), storage=storage)
+    try:
+        assert not work.exists()
+        assert third.count("storage.leftovers_removed") == 1
+        assert third.count("storage.in_use") == 0
+    finally:
+        third.stop()
