@@ -80,7 +80,7 @@ def _second_half(storage: Path, digest: str, size: int) -> str:
 def _blob(ctx: Context, storage: Path) -> tuple[str, int]:
     """A layer blob of real binaries in the server's CAS (100+ MB in full mode)."""
     cas = CAS(storage)
-    cas.open_store()
+    cas.open_store(clean=False)  # a writer, not a server: the server comes next
     if ctx.quick:
         paths = [quick_store_path(ctx.workdir, 12 << 20)]
     else:
