@@ -25,6 +25,16 @@ from nixery_trio.httpserver import ZEROCOPYSEND, serve
 DATA = os.urandom(3 << 20) + b"tail"
 
 
+async def lifespan(scope: Any, receive: Any, send: Any) -> bool:
+    """Answer the ASGI lifespan protocol if that is what ``scope`` is; whether it was."""
+    if scope["type"] != "lifespan":
+        return False
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
+    return True
+
+
 class FileApp:
     """Serves ``path`` per the query: ``offset``, ``count``, ``pieces``, ``chunked``."""
 
@@ -35,10 +45,7 @@ class FileApp:
         self.sent_pieces = 0
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+        if await lifespan(scope, receive, send):
             return
         self.scopes.append(scope)
         query = dict(p.split("=") for p in scope["query_string"].decode().split("&") if p)
@@ -158,10 +165,7 @@ async def test_a_file_shorter_than_promised_closes_the_connection(tmp_path: Path
     path.write_bytes(b"0123456789")
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+        if await lifespan(scope, receive, send):
             return
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-length", b"20")]})  # fmt: skip
@@ -194,10 +198,7 @@ class BigApp:
         self.finished = 0
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+        if await lifespan(scope, receive, send):
             return
         size = BIG if scope["path"] == "/big" else 5
         await send({"type": "http.response.start", "status": 200,
