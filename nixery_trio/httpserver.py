@@ -30,7 +30,7 @@ The placeholder is h11's documented sendfile support
 (``Connection.send_with_data_passthrough``): h11 only takes its ``len``.
 HTTP/2 connections stay stock Hypercorn and do not advertise the extension.
 The subclasses touch Hypercorn internals, hence the pin to 0.18 in
-``pyproject.toml``; ``tests/unit/test_httpserver.py`` breaks if they drift.
+``pyproject.toml``; ``tests/shell/test_httpserver.py`` breaks if they drift.
 
 :func:`serve` is Hypercorn's ``worker_serve`` without TLS, QUIC and statsd,
 running connections as :class:`ZeroCopyTCPServer`.
