@@ -245,18 +245,6 @@ class RecentManifests:
             self._memo.popitem(last=False)
 
 
-def log_store_opened(cas: CAS, removed: int | None) -> None:
-    """Log what :meth:`CAS.open_store` found: leftovers removed, or another server."""
-    if removed is None:
-        logs.warning(
-            "storage.in_use",
-            storage=str(cas.root),
-            detail="another server uses this store; its files in tmp/ are left alone",
-        )
-    elif removed:
-        logs.warning("storage.leftovers_removed", count=removed)
-
-
 class Builder:
     """Turns image names into manifests whose blobs are all in the CAS."""
 
@@ -284,22 +272,22 @@ class Builder:
         self._key_seconds = float("inf")
         self._refreshing_keys: set[str] = set()
 
-    def open(self, clean: bool = True) -> None:
+    def open(self, clean: bool = True) -> int | None:
         """Create the store's layout and, if ``clean``, serve it and clear crash
-        leftovers (blocking; see ``CAS.open_store``).  Workers pass False:
-        their parent did both before it forked them.
+        leftovers (blocking); return what ``CAS.open_store`` did.  Workers pass
+        False: their parent did both before it forked them.
         """
         removed = self.cas.open_store(clean=clean)
         self.layer_cache.index.open_index()
         self.manifest_cache.index.open_index()
         self._lock_dir.mkdir(exist_ok=True)
-        log_store_opened(self.cas, removed)
         if isinstance(self.config.source, PathSource):
             # Hash the package set's files now, not in the first request:
             # later keys only re-hash files whose stat changed.  The second
             # walk, which only stats them, times what asking will cost.
             self._timed_source_key("latest")
             self._timed_source_key("latest")
+        return removed
 
     def parse(self, name: str, tag: str) -> Image:
         return parse_image(name, tag, max_packages=self.config.max_packages)

@@ -121,15 +121,16 @@ class CAS:
         self.lock = StoreLock(root / "lock")
         self._serving: int | None = None
 
-    def open_store(self, clean: bool = True, wait: float = SERVING_WAIT) -> int | None:
+    def open_store(self, clean: bool = True) -> int | None:
         """Create the layout; with ``clean``, serve the store and remove crash leftovers.
 
-        Serving means holding the ``serving`` lock shared for as long as this
-        object lives (forked workers share their parent's).  Leftovers in
+        Serving means holding the ``serving`` lock shared until the process
+        ends (forked workers share their parent's) or this object opens the
+        store again.  Leftovers in
         ``tmp/`` are removed only under the lock held exclusively, which
         needs every other server gone: the files of a running server are its
-        work in progress.  After ``wait`` seconds of trying, the leftovers are
-        left alone.  Returns how many were removed, or ``None`` when another
+        work in progress.  After :data:`SERVING_WAIT` seconds of trying, the
+        leftovers are left alone.  Returns how many were removed, or ``None`` when another
         server holds the store.
         """
         self.blob_dir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +141,7 @@ class CAS:
             os.close(self._serving)
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         self._serving = fd = os.open(self.root / "serving", flags, 0o644)
-        deadline = time.monotonic() + wait
+        deadline = time.monotonic() + SERVING_WAIT
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

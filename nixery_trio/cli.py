@@ -25,7 +25,7 @@ import trio
 from hypercorn.utils import repr_socket_addr
 
 from . import httpserver, logs, maintenance
-from .builder import Builder, log_store_opened
+from .builder import Builder
 from .cas import CAS
 from .config import SETTINGS, Config, make_config
 from .errors import ConfigError
@@ -96,6 +96,18 @@ def bind(config: Config) -> list[socket.socket]:
     return sockets
 
 
+def _log_store_opened(config: Config, removed: int | None) -> None:
+    """Log what ``CAS.open_store`` found: crash leftovers removed, or another server."""
+    if removed is None:
+        logs.warning(
+            "storage.in_use",
+            storage=str(config.storage_path),
+            detail="another server uses this store; its files in tmp/ are left alone",
+        )
+    elif removed:
+        logs.warning("storage.leftovers_removed", count=removed)
+
+
 def addresses(sockets: list[socket.socket]) -> list[str]:
     """The ``http://`` addresses ``sockets`` listen on."""
     return [f"http://{repr_socket_addr(s.family, s.getsockname())}" for s in sockets]
@@ -120,7 +132,7 @@ async def run_server(
     binds = addresses(sockets)
     async with trio.open_nursery() as nursery:
         builder = Builder(config, CAS(config.storage_path), popularity, nursery)
-        await trio.to_thread.run_sync(builder.open, not worker)
+        _log_store_opened(config, await trio.to_thread.run_sync(builder.open, not worker))
         app = create_app(builder)
         serving = partial(
             httpserver.serve,
@@ -178,8 +190,7 @@ def run_workers(config: Config, popularity: dict[str, int]) -> int:
     Workers die with the parent, even by SIGKILL.
     """
     sockets = bind(config)
-    cas = CAS(config.storage_path)
-    log_store_opened(cas, cas.open_store(clean=True))
+    _log_store_opened(config, CAS(config.storage_path).open_store(clean=True))
     children = []
     for _ in range(config.workers):
         pid = os.fork()

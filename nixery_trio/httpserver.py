@@ -293,9 +293,10 @@ class ZeroCopyTCPServer(TCPServer):
     async def run(self) -> None:
         sock = self.stream.socket
         try:
-            client = parse_socket_addr(sock.family, sock.getpeername())
+            peername = sock.getpeername()
+            client = parse_socket_addr(sock.family, peername)
             server = parse_socket_addr(sock.family, sock.getsockname())
-            self.peer = repr_socket_addr(sock.family, sock.getpeername())
+            self.peer = repr_socket_addr(sock.family, peername)
             async with TaskGroup() as task_group:
                 self._task_group = task_group
                 self.protocol = ProtocolWrapper(
