@@ -11,10 +11,11 @@ STORAGE ?= var
 export NIX_CONFIG ?= substituters =
 
 SERVE_APT := nix-bin busybox-static ca-certificates netbase git
-TEST_APT := skopeo umoci containerd runc podman conmon fuse-overlayfs uidmap gzip
-BENCH_APT := nginx-light wrk docker-registry
+# The test suite runs the quick benchmarks, so their peers are test packages too.
+TEST_APT := skopeo umoci containerd runc podman conmon fuse-overlayfs uidmap gzip \
+	nginx-light wrk docker-registry
 
-.PHONY: help serve test bench lint system-deps test-system-deps bench-system-deps clean
+.PHONY: help serve test bench lint system-deps test-system-deps clean
 
 help:
 	@echo "make serve   install what is missing, serve nix/demo on $(LISTEN)"
@@ -40,9 +41,6 @@ system-deps:
 test-system-deps: system-deps
 	$(call apt_install,$(TEST_APT))
 
-bench-system-deps: test-system-deps
-	$(call apt_install,$(BENCH_APT))
-
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
@@ -64,7 +62,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test,bench]'
 	touch $@
 
-bench: bench-system-deps $(VENV)/.bench-installed
+bench: test-system-deps $(VENV)/.bench-installed
 	$(VENV)/bin/python -m benchmarks
 
 clean:

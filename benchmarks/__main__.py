@@ -13,14 +13,11 @@ from pathlib import Path
 from nixery_trio import archive, blobs
 
 from . import builds, pipeline, report, serving, soak
-from .common import REPO, Context, Section, machine, tool_version
+from .common import REPO, Context, Section, machine, missing_tools, tool_version
 
-BENCHMARKS = {
-    "pipeline": pipeline.run,
-    "serving": serving.run,
-    "builds": builds.run,
-    "soak": soak.run,
-}
+#: Each benchmark module has ``run(ctx) -> list[Section]`` and ``TOOLS``, the
+#: programs it runs.
+BENCHMARKS = {"pipeline": pipeline, "serving": serving, "builds": builds, "soak": soak}
 
 
 def defaults_text(sections: list[Section]) -> str:
@@ -78,6 +75,11 @@ def main() -> None:
     out = args.out or (REPO / "docs")
     if args.quick and args.out is None:
         parser.error("--quick needs --out (it must not overwrite docs/benchmarks.md)")
+    chosen = {name: module for name, module in BENCHMARKS.items() if name in (args.only or [name])}
+    # A benchmark without its peer would leave its section out: refuse before any runs.
+    missing = missing_tools([tool for module in chosen.values() for tool in module.TOOLS])
+    if missing:
+        sys.exit(f"benchmarks: {missing}")
     facts = machine()
     peers = {
         "nginx": tool_version(["nginx", "-v"]),
@@ -95,12 +97,10 @@ def main() -> None:
     workdir.chmod(0o755)  # nginx's workers do not run as root
     try:
         ctx = Context(workdir=workdir, quick=args.quick)
-        for name, run in BENCHMARKS.items():
-            if args.only and name not in args.only:
-                continue
+        for name, module in chosen.items():
             started = time.monotonic()
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
-            found = run(ctx)
+            found = module.run(ctx)
             sections += found
             for section in found:
                 for check in section.checks:

@@ -28,6 +28,8 @@ from .pipeline import bench_store_paths
 
 DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 #: Cold builds per image on fresh stores (the median run is reported).
+#: The programs this benchmark runs besides ours (see ``common.PACKAGES``).
+TOOLS = ("nix-build", "nix-instantiate")
 COLD_RUNS = 5
 
 

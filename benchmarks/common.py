@@ -265,9 +265,32 @@ def _search(pattern: str, text: str, groups: int = 1) -> tuple[str, ...] | str:
     return match.groups() if groups > 1 else match.group(1)
 
 
-def have(*tools: str) -> list[str]:
-    """The tools of ``tools`` that are not installed."""
-    return [tool for tool in tools if shutil.which(tool) is None]
+#: The Debian package of every program a benchmark runs (``make bench`` and
+#: ``make test`` install them all).
+PACKAGES = {
+    "bash": "bash",
+    "docker-registry": "docker-registry",
+    "gzip": "gzip",
+    "nginx": "nginx-light",
+    "nix-build": "nix-bin",
+    "nix-instantiate": "nix-bin",
+    "sha256sum": "coreutils",
+    "skopeo": "skopeo",
+    "tar": "tar",
+    "wrk": "wrk",
+}
+
+
+def missing_tools(tools: Sequence[str]) -> str | None:
+    """What to install for the programs of ``tools`` not on PATH, or None when all are."""
+    missing = sorted({tool for tool in tools if shutil.which(tool) is None})
+    if not missing:
+        return None
+    packages = " ".join(sorted({PACKAGES[tool] for tool in missing}))
+    return (
+        f"not installed: {', '.join(missing)}; install the Debian packages {packages} "
+        f"(`make bench` does: apt-get install {packages})"
+    )
 
 
 def mb(n: float) -> str:

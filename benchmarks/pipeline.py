@@ -55,6 +55,8 @@ from nixery_trio.cas import CAS
 
 from .common import NIX_ENV, REPO, Check, Context, Section, mb, rate
 
+#: The programs this benchmark runs (see ``common.PACKAGES``).
+TOOLS = ("nix-instantiate", "bash", "tar", "gzip", "sha256sum")
 CORES = os.cpu_count() or 1
 DEFAULT = archive.Deflate(threads=CORES)
 #: The engine/level grid of the sweep.

@@ -24,6 +24,8 @@ import trio
 
 from .common import REPO, Check, Context, Section, children, free_port, our_server_argv, process
 
+#: The programs this benchmark runs besides ours (see ``common.PACKAGES``).
+TOOLS = ("nix-build",)
 CLIENTS = 16
 FULL_SECONDS = float(os.environ.get("SOAK_SECONDS", "600"))
 WARMUP_SECONDS = 60.0
