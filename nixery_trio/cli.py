@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
+import resource
 import signal
 import socket
 import sys
@@ -24,7 +24,7 @@ import hypercorn.config
 import trio
 from hypercorn.utils import repr_socket_addr
 
-from . import httpserver, logs, maintenance
+from . import httpserver, logs, maintenance, supervisor
 from .builder import Builder
 from .cas import CAS
 from .config import SETTINGS, Config, make_config
@@ -74,6 +74,26 @@ def release_large_buffers() -> None:
         logs.warning("malloc.untuned", reason="not glibc")
 
 
+#: Connections the kernel queues for accept (capped by net.core.somaxconn):
+#: Hypercorn's 100 drops bursts of new clients.
+LISTEN_BACKLOG = 1024
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files to the hard limit; return it.
+
+    Every connection holds a descriptor, and a blob being sent a second one:
+    the usual soft limit of 1,024 is a few hundred idle clients (as nginx's
+    ``worker_rlimit_nofile``, but from the limit the system already grants).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
 def hypercorn_config(config: Config) -> hypercorn.config.Config:
     hc = hypercorn.config.Config()
     hc.bind = [
@@ -82,7 +102,9 @@ def hypercorn_config(config: Config) -> hypercorn.config.Config:
     hc.accesslog = None
     hc.errorlog = None
     hc.include_server_header = False
-    hc.keep_alive_timeout = 75
+    hc.keep_alive_timeout = config.keepalive_timeout
+    hc.backlog = LISTEN_BACKLOG
+    hc.graceful_timeout = config.drain_timeout
     hc.h11_max_incomplete_size = 64 * 1024
     return hc
 
@@ -121,102 +143,98 @@ async def run_server(
     worker: bool = False,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the registry until cancelled; report the bound addresses.
+    """Serve the registry until drained by a signal, or cancelled; report the bound addresses.
 
     Binds ``config``'s address unless given ``sockets``.  A ``worker`` (one
     of several processes on the same sockets and store) leaves the store's
     crash leftovers to the parent, which cleared them before any worker ran.
+    SIGTERM (and SIGINT, but for a worker) drains the server: no new
+    connections, responses in flight finish within ``config.drain_timeout``;
+    then builds no request waits for are stopped.  A second signal stops
+    everything at once.
     """
     if sockets is None:
         sockets = bind(config)
     binds = addresses(sockets)
+    shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(_drain_on_signal, shutdown, nursery.cancel_scope, worker)
         builder = Builder(config, CAS(config.storage_path), popularity, nursery)
         _log_store_opened(config, await trio.to_thread.run_sync(builder.open, not worker))
-        app = create_app(builder)
         serving = partial(
             httpserver.serve,
-            app,
+            create_app(builder),
             hypercorn_config(config),
             sockets,
             send_timeout=config.send_timeout,
+            header_timeout=config.header_timeout,
+            shutdown=shutdown,
         )
-        await nursery.start(serving)
-        logs.info(
-            "worker.started" if worker else "server.started",
-            listen=binds,
-            version=source_version(config.nix_dir),
-            source=config.source.describe(),
-            storage=str(config.storage_path),
-        )
-        task_status.started(binds)
+        async with trio.open_nursery() as http:
+            await http.start(serving)
+            logs.info(
+                "worker.started" if worker else "server.started",
+                listen=binds,
+                version=source_version(config.nix_dir),
+                source=config.source.describe(),
+                storage=str(config.storage_path),
+                open_files_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            )
+            task_status.started(binds)
+        logs.info("worker.drained" if worker else "server.drained")
+        nursery.cancel_scope.cancel()
 
 
-#: prctl(2) option: the signal this process gets when its parent dies.
-_PR_SET_PDEATHSIG = 1
+async def _drain_on_signal(
+    shutdown: trio.Event, everything: trio.CancelScope, worker: bool
+) -> None:
+    """Set ``shutdown`` at the first SIGTERM (or SIGINT); cancel ``everything`` at the second."""
+    stops = [signal.SIGTERM] if worker else [signal.SIGTERM, signal.SIGINT]
+    with trio.open_signal_receiver(*stops) as received:
+        async for signum in received:
+            name = signal.Signals(signum).name
+            if shutdown.is_set():
+                logs.warning("server.stopping", signal=name, detail="cutting off the responses")
+                everything.cancel()
+                return
+            if not worker:
+                logs.info("server.draining", signal=name)
+            shutdown.set()
 
 
 def _worker(config: Config, popularity: dict[str, int], sockets: list[socket.socket]) -> int:
-    """A forked worker process: serve until told to stop; the exit status."""
-    parent = os.getppid()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:
-        return 1  # the parent died before prctl took effect
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    """A forked worker process: serve until drained; the exit status."""
     try:
         trio.run(partial(run_server, config, popularity, sockets, worker=True))
-    except KeyboardInterrupt:
-        return 0
     except BaseException:
         logs.error("worker.failed", exc_info=True)
         return 1
     return 0
 
 
-def _stop(signum: int, frame: object) -> None:
-    raise SystemExit(0)
-
-
 def run_workers(config: Config, popularity: dict[str, int]) -> int:
     """Serve from ``config.workers`` forked processes sharing one socket.
 
-    Each worker is a whole server (Python runs one thread of Python at a
-    time, so one process uses one core); the kernel spreads connections
-    over them, and builds coordinate through the store (``builder.KeyLocks``).
-    The parent binds, clears the store's crash leftovers, forks, and waits:
-    when a worker dies the others are stopped and the parent exits 1 (for
-    the service manager to restart); SIGTERM or SIGINT stops them all.
-    Workers die with the parent, even by SIGKILL.
+    The parent binds, clears the store's crash leftovers and hands the rest
+    to ``supervisor.supervise``: fork, replace workers that die, drain on
+    SIGTERM.  Builds coordinate through the store (``locks.py``).
     """
     sockets = bind(config)
     _log_store_opened(config, CAS(config.storage_path).open_store(clean=True))
-    children = []
-    for _ in range(config.workers):
-        pid = os.fork()
-        if pid == 0:
-            os._exit(_worker(config, popularity, sockets))
-        children.append(pid)
-    signal.signal(signal.SIGTERM, _stop)
-    logs.info("server.started", listen=addresses(sockets), workers=children,
-              version=source_version(config.nix_dir), source=config.source.describe(),
-              storage=str(config.storage_path))  # fmt: skip
-    status = 0
-    try:
-        pid, code = os.wait()
-        children.remove(pid)
-        logs.error("worker.exited", worker=pid, status=os.waitstatus_to_exitcode(code))
-        status = 1
-    except (KeyboardInterrupt, SystemExit):
-        pass
-    finally:
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        for pid in children:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-    return status
+
+    def started(workers: list[int]) -> None:
+        logs.info("server.started", listen=addresses(sockets), workers=workers,
+                  version=source_version(config.nix_dir), source=config.source.describe(),
+                  storage=str(config.storage_path),
+                  open_files_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # fmt: skip
+
+    return supervisor.supervise(
+        partial(_worker, config, popularity, sockets),
+        config.workers,
+        sockets,
+        config.drain_timeout,
+        started,
+    )
 
 
 def _settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -248,14 +266,14 @@ def serve(**raw: str | None) -> None:
         logs.error("config.invalid", message=str(exc))
         raise click.ClickException(str(exc)) from exc
     release_large_buffers()
+    raise_open_files_limit()
     if config.workers > 1:
         status = run_workers(config, popularity)
         logs.info("server.stopped")
         sys.exit(status)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # before the server watches for SIGINT
         trio.run(run_server, config, popularity)
-    except KeyboardInterrupt:
-        logs.info("server.stopped")
+    logs.info("server.stopped")
 
 
 _storage_option = click.option(

@@ -41,6 +41,9 @@ class Config:
     blob_sendfile: bool = True
     workers: int = 1
     send_timeout: float = 60.0
+    header_timeout: float = 20.0
+    keepalive_timeout: float = 75.0
+    drain_timeout: float = 30.0
 
     @property
     def deflate(self) -> Deflate:
@@ -115,6 +118,25 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds a response may wait for its client to take more bytes; then the "
         "connection is closed.",
         "60",
+    ),
+    Setting(
+        "--header-timeout",
+        "NIXERY_HEADER_TIMEOUT",
+        "Seconds a request's headers may take to arrive (from the connection's start or the "
+        "request's first byte); then the connection is closed.",
+        "20",
+    ),
+    Setting(
+        "--keepalive-timeout",
+        "NIXERY_KEEPALIVE_TIMEOUT",
+        "Seconds an idle connection is kept open for a next request.",
+        "75",
+    ),
+    Setting(
+        "--drain-timeout",
+        "NIXERY_DRAIN_TIMEOUT",
+        "Seconds SIGTERM gives the responses in flight to finish before the server stops.",
+        "30",
     ),
 )
 
@@ -221,4 +243,7 @@ def make_config(raw: dict[str, str | None]) -> Config:
         blob_sendfile=bool(sendfile),
         workers=workers or (os.cpu_count() or 1),
         send_timeout=_seconds("NIXERY_SEND_TIMEOUT", raw.get("send_timeout"), "60"),
+        header_timeout=_seconds("NIXERY_HEADER_TIMEOUT", raw.get("header_timeout"), "20"),
+        keepalive_timeout=_seconds("NIXERY_KEEPALIVE_TIMEOUT", raw.get("keepalive_timeout"), "75"),
+        drain_timeout=_seconds("NIXERY_DRAIN_TIMEOUT", raw.get("drain_timeout"), "30"),
     )

@@ -28,21 +28,26 @@ and :func:`serve`'s graceful shutdown, forever.
 
 The placeholder is h11's documented sendfile support
 (``Connection.send_with_data_passthrough``): h11 only takes its ``len``.
-HTTP/2 connections stay stock Hypercorn and do not advertise the extension.
+HTTP/2 is not spoken at all (:meth:`ZeroCopyH11Protocol._check_protocol`
+says why).
 The subclasses touch Hypercorn internals, hence the pin to 0.18 in
 ``pyproject.toml``; ``tests/shell/test_httpserver.py`` breaks if they drift.
 
 :func:`serve` is Hypercorn's ``worker_serve`` without TLS, QUIC and statsd,
-running connections as :class:`ZeroCopyTCPServer`.
+running connections as :class:`ZeroCopyTCPServer`, with an accept loop
+that logs running out of descriptors once per interval (trio's logs a
+traceback per try, ten a second) and a drain on shutdown.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
+import resource
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -51,7 +56,7 @@ import h11
 import trio
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config
-from hypercorn.events import Closed, RawData
+from hypercorn.events import Closed, RawData, Updated
 from hypercorn.events import Event as ConnectionEvent
 from hypercorn.protocol import ProtocolWrapper
 from hypercorn.protocol.events import Body, EndBody, Request, Response
@@ -60,7 +65,7 @@ from hypercorn.protocol.h11 import STREAM_ID, H11Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.task_group import TaskGroup
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import parse_socket_addr, repr_socket_addr, suppress_body
@@ -71,6 +76,14 @@ from . import logs
 ZEROCOPYSEND = "http.response.zerocopysend"
 #: Seconds a response may wait for its client to take more bytes (nginx's default).
 SEND_TIMEOUT = 60.0
+#: Seconds a request's head may take to arrive, from its first byte (or from
+#: the connection's start for its first request).
+HEADER_TIMEOUT = 20.0
+#: Seconds between two tries to accept while the process is out of
+#: descriptors, and between two log lines saying so.
+ACCEPT_RETRY = 0.1
+ACCEPT_LOG_INTERVAL = 10.0
+_ACCEPT_CAPACITY = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS)
 #: Errors of a socket whose peer went away.
 _GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF)
 
@@ -250,7 +263,21 @@ class ZeroCopyH11Protocol(H11Protocol):
         assert isinstance(self.connection, h11.Connection), "file body on a websocket"
         return self.connection
 
+    async def _check_protocol(self, event: h11.Request) -> None:
+        """Speak HTTP/1.1 only: an ``Upgrade: h2c`` is ignored, as RFC 9113 lets a server do.
+
+        (Hypercorn would switch to HTTP/2, whose streams each queue a whole
+        response while their client keeps its flow-control window shut, and
+        whose responses go without sendfile.)  The HTTP/2 preface of a client
+        that assumes HTTP/2 is refused in :meth:`_create_stream`.
+        """
+
     async def _create_stream(self, request: h11.Request) -> None:
+        if request.http_version != b"1.1" and request.http_version != b"1.0":
+            # "PRI * HTTP/2.0", the preface of HTTP/2 with prior knowledge.
+            await self._send_error_response(505)
+            await self.send(Closed())
+            return
         # Hypercorn's own method, less websockets (which this registry does
         # not serve: they get Hypercorn's stream) and with our HTTP stream.
         if any(name.lower() == b"upgrade" for name, _ in request.headers):
@@ -278,17 +305,64 @@ class ZeroCopyH11Protocol(H11Protocol):
         await self.context.mark_request()
 
 
+class Sends:
+    """The sends in progress on a server's connections, so that a drain can end them.
+
+    A send is shielded from cancellation (see :class:`ZeroCopyTCPServer`),
+    so the end of a drain cannot cut it short by cancelling its connection;
+    it sets the deadline of every send in progress, and of every later one.
+    """
+
+    def __init__(self) -> None:
+        self.deadline = math.inf
+        self._scopes: set[trio.CancelScope] = set()
+
+    @contextlib.contextmanager
+    def shielded(self) -> Iterator[trio.CancelScope]:
+        with trio.CancelScope(shield=True, deadline=self.deadline) as scope:
+            self._scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._scopes.discard(scope)
+
+    def cut_off_at(self, deadline: float) -> None:
+        self.deadline = deadline
+        for scope in self._scopes:
+            scope.deadline = deadline
+
+
 class ZeroCopyTCPServer(TCPServer):
     """A plain-TCP connection whose HTTP/1.1 responses can carry files.
 
-    Every send gives up, and closes the connection, once the client has
-    taken no bytes for ``send_timeout`` seconds.
+    Its clocks, each of which closes the connection when it runs out:
+
+    - *send*: a response's client has taken no bytes for ``send_timeout``
+      seconds;
+    - *header*: a request's head is not complete ``header_timeout`` seconds
+      after its first byte arrived, or a new connection has sent no whole
+      request head for that long (a client trickling headers holds a
+      connection for no longer);
+    - *keep-alive* (Hypercorn's idle timer, ``config.keep_alive_timeout``):
+      no byte of a next request for that long after a response.
     """
 
-    def __init__(self, *args: Any, send_timeout: float = SEND_TIMEOUT) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        send_timeout: float = SEND_TIMEOUT,
+        header_timeout: float = HEADER_TIMEOUT,
+        sends: Sends | None = None,
+    ) -> None:
         super().__init__(*args)
+        self.sends = sends or Sends()
         self.send_timeout = send_timeout
+        self.header_timeout = header_timeout
         self.peer = ""  # the client's address, for logs
+        #: Whether a request's head arrived and its response has not ended.
+        self._in_request = False
+        #: Whether the header clock runs for the request being received.
+        self._heading = True
 
     async def run(self) -> None:
         sock = self.stream.socket
@@ -310,12 +384,38 @@ class ZeroCopyTCPServer(TCPServer):
                     ConnectionState(self.state), False, client, server, self.protocol_send,
                 )  # fmt: skip
                 await self.protocol.initiate()
-                await self.idle_task.restart(self._task_group, self._idle_timeout)
+                await self.idle_task.restart(self._task_group, self._header_clock)
                 await self._read_data()
+                # The client closed its side: the idle clock must not keep
+                # the connection (and the kernel's pages it sent) for up to
+                # the keep-alive timeout.
+                await self.idle_task.stop()
         except OSError:
             pass
         finally:
             await self._close()
+
+    async def _read_data(self) -> None:
+        while True:
+            try:
+                data = await self.stream.receive_some(MAX_RECV)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                break
+            if data and not self._in_request and not self._heading:
+                self._heading = True  # the first bytes of a request: its head has a deadline
+                await self.idle_task.restart(self._task_group, self._header_clock)
+            await self.protocol.handle(RawData(bytes(data)))
+            if not data:
+                break
+        await self.protocol.handle(Closed())
+
+    async def _header_clock(self) -> None:
+        with trio.move_on_after(self.header_timeout):
+            await self.context.terminated.wait()
+            return  # shutting down: close at once, as Hypercorn's idle clock does
+        logs.info("client.header_timeout", client=self.peer, header_timeout=self.header_timeout)
+        with trio.CancelScope(shield=True):
+            await self._initiate_server_close()
 
     async def protocol_send(self, event: ConnectionEvent) -> None:
         sock = self.stream.socket
@@ -326,14 +426,27 @@ class ZeroCopyTCPServer(TCPServer):
                 sendfile_all, sock, event.fd, event.offset, event.count, self.send_timeout
             )
         else:
-            await super().protocol_send(event)
+            if isinstance(event, Updated):
+                self._in_request, self._heading = not event.idle, False
+            # Closing the connection, or arming its idle timer, must not be
+            # cancellable: both come from the app's task after the response
+            # ends, and Quart-Trio cancels that task's scope as soon as the
+            # stream reports the disconnect that ends every response.  Stock
+            # Hypercorn then never closed a Connection: close response nor
+            # timed out the idle connection after a kept-alive one.
+            with trio.CancelScope(shield=True):
+                await super().protocol_send(event)
             return
         async with self.send_lock:
             try:
                 # Shielded like Hypercorn's own sends: a response cut short
-                # by cancellation would leave the connection mid-body.
-                with trio.CancelScope(shield=True):
+                # by cancellation would leave the connection mid-body.  Only
+                # the end of a drain cuts it short, and then the connection.
+                with self.sends.shielded() as scope:
                     await sending()
+                if scope.cancelled_caught:
+                    logs.warning("client.cut_off", client=self.peer, detail="the drain timed out")
+                    raise trio.ClosedResourceError
             except (OSError, EOFError, trio.TooSlowError, trio.ClosedResourceError) as exc:
                 # The response cannot go on, so neither can the connection.
                 if isinstance(exc, trio.TooSlowError):
@@ -350,15 +463,23 @@ async def serve(
     sockets: list[socket.socket],
     *,
     send_timeout: float = SEND_TIMEOUT,
+    header_timeout: float = HEADER_TIMEOUT,
+    shutdown: trio.Event | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ASGI ``app`` on listening ``sockets`` until cancelled.
+    """Serve ASGI ``app`` on listening ``sockets`` until ``shutdown`` is set.
 
     Hypercorn's ``worker_serve`` for plain TCP: lifespan startup, then every
-    connection in :class:`ZeroCopyTCPServer` (with ``send_timeout``); on
-    cancellation, connections get ``config.graceful_timeout`` to finish
-    before lifespan shutdown.
+    connection in :class:`ZeroCopyTCPServer` (with ``send_timeout`` and
+    ``header_timeout``).  On ``shutdown`` it drains: it stops accepting and
+    closes its listening sockets, closes idle connections, lets the
+    responses in flight finish for up to ``config.graceful_timeout`` seconds,
+    cancels what is left, runs the lifespan shutdown and returns.  Cancelling
+    it stops everything at once.
     """
+    if shutdown is None:
+        shutdown = trio.Event()
+    sends = Sends()
     wrapped = ASGIWrapper(app)
     lifespan_state: dict[str, Any] = {}
     lifespan = Lifespan(wrapped, config, lifespan_state)
@@ -366,8 +487,7 @@ async def serve(
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
-        async with trio.open_nursery() as server_nursery:
-            listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+        async with trio.open_nursery() as connections:
             handler = partial(
                 ZeroCopyTCPServer,
                 wrapped,
@@ -375,12 +495,57 @@ async def serve(
                 context,
                 ConnectionState(lifespan_state.copy()),
                 send_timeout=send_timeout,
+                header_timeout=header_timeout,
+                sends=sends,
             )
-            task_status.started()
-            try:
-                await trio.serve_listeners(handler, listeners, handler_nursery=server_nursery)
-            finally:
-                await context.terminated.set()
-                server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+            async with trio.open_nursery() as accepting:
+                for sock in sockets:
+                    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+                    accepting.start_soon(_accept, listener, handler, connections)
+                task_status.started()
+                await shutdown.wait()
+                accepting.cancel_scope.cancel()
+            await context.terminated.set()  # idle connections close, busy ones after their response
+            connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+            sends.cut_off_at(connections.cancel_scope.deadline)
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
+
+
+async def _accept(
+    listener: trio.SocketListener,
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    connections: trio.Nursery,
+) -> None:
+    """Accept connections into ``connections`` until cancelled; then close ``listener``.
+
+    Out of descriptors (or memory), accept fails until some connection ends:
+    it is retried every :data:`ACCEPT_RETRY` seconds and logged at most once
+    every :data:`ACCEPT_LOG_INTERVAL`, with how often it failed meanwhile.
+    """
+    logged_at, failures = -math.inf, 0
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY:
+                    raise
+                failures += 1
+                if trio.current_time() - logged_at >= ACCEPT_LOG_INTERVAL:
+                    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+                    logs.error("accept.failed", error=os.strerror(exc.errno or 0),
+                               failures=failures, open_files_limit=soft)  # fmt: skip
+                    logged_at, failures = trio.current_time(), 0
+                await trio.sleep(ACCEPT_RETRY)
+            else:
+                connections.start_soon(_connection, handler, stream)
+
+
+async def _connection(
+    handler: Callable[[trio.SocketStream], Awaitable[None]], stream: trio.SocketStream
+) -> None:
+    try:
+        await handler(stream)
+    finally:
+        await trio.aclose_forcefully(stream)

@@ -82,13 +82,14 @@ def start_server(
     source: Sequence[str] = ("--pkgs-path", str(DEMO)),
     extra: Sequence[str] = (),
     storage: Path | None = None,
+    wrapper: Sequence[str] = (),
 ) -> Server:
-    """Start ``nixery-trio serve`` on a free port of 127.0.0.1."""
+    """Start ``nixery-trio serve`` on a free port of 127.0.0.1 (run by ``wrapper``, if given)."""
     workdir.mkdir(parents=True, exist_ok=True)
     storage = storage or workdir / "store"
     log_path = workdir / f"server-{time.monotonic_ns()}.log"
     argv = [
-        sys.executable, "-m", "nixery_trio", "serve",
+        *wrapper, sys.executable, "-m", "nixery_trio", "serve",
         "--listen", "127.0.0.1:0",
         "--storage-path", str(storage),
         "--popularity-url", str(DEMO / "popularity.json"),
