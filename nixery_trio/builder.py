@@ -16,26 +16,29 @@ that disconnects does not cancel a build others wait for, and the result is
 cached either way.  Identical work is done once: within a process
 (:class:`SingleFlight`) concurrent requests for one image share one Nix
 build, and concurrent images sharing a layer write it once; across the
-server's worker processes (:class:`KeyLocks`) a flight first takes a lock
+server's worker processes (``locks.KeyLocks``) a flight first takes a lock
 file for its key and looks in the cache again, so a second process waits for
 the first one's result instead of repeating its work.
+
+Nix runs at most ``NIXERY_MAX_BUILDS`` times at once across the workers
+(``locks.BuildSlots``); a build waiting for its turn is dropped when every
+client that wanted it has left.  Packages that Nix could not find are
+remembered for ``NIXERY_NOT_FOUND_TTL`` seconds, so a storm of requests for
+a misspelt name runs Nix once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Generic, TypeVar
 
-import blake3
 import trio
 
 from . import archive, logs, nix
@@ -46,6 +49,7 @@ from .digest import sha256_digest
 from .errors import ManifestUnknown, RegistryError
 from .image import Image, parse_image
 from .layers import group_layers
+from .locks import BuildSlots, KeyLocks
 from .manifest import DOCKER_MANIFEST, LayerBlob, build_config, build_manifest, manifest_refs
 from .sources import PathSource
 
@@ -67,114 +71,81 @@ SOURCE_KEY_SECONDS = 1.0
 #: second per tag.  (A path source then only stats its files; one whose files
 #: changed hashes them, and the time that took sends the next key to a thread.)
 INLINE_KEY_SECONDS = 0.001
-#: Lock files per kind of flight (keys hash onto them), and the longest
-#: pause between two tries of a lock another process holds.
-LOCK_STRIPES = 1024
-LOCK_POLL_SECONDS = 0.05
 
 
-@dataclass
-class _Flight(Generic[T]):
-    done: trio.Event = field(default_factory=trio.Event)
-    result: T | None = None
-    error: BaseException | None = None
+class Flight(Generic[T]):
+    """One run of a :class:`SingleFlight` task, and the callers waiting for it."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: T | None = None
+        self.error: BaseException | None = None
+        self.waiters = 0
+        self.scope = trio.CancelScope()
+        self._droppable = False
+
+    @contextlib.contextmanager
+    def droppable(self) -> Iterator[None]:
+        """While in this block (a build waiting in the queue), the flight is
+        dropped when its last waiter leaves: nobody wants its result yet."""
+        self._droppable = True
+        try:
+            if self.waiters == 0:
+                self.scope.cancel()
+            yield
+        finally:
+            self._droppable = False
+
+    def leave(self) -> bool:
+        """One waiter left; whether that dropped the flight."""
+        self.waiters -= 1
+        if self.waiters == 0 and self._droppable and not self.done.is_set():
+            self.scope.cancel()
+            return True
+        return False
 
 
 class SingleFlight(Generic[T]):
     """Run one task per key at a time; every caller gets its outcome.
 
     The task runs in ``nursery`` (long-lived), so cancelling a caller only
-    stops that caller's wait.
+    stops that caller's wait; only a task that marked itself droppable
+    (:meth:`Flight.droppable`) stops when every caller has gone.
     """
 
     def __init__(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
-        self._flights: dict[str, _Flight[T]] = {}
+        self._flights: dict[str, Flight[T]] = {}
 
-    async def do(self, key: str, work: Callable[[], Awaitable[T]]) -> T:
+    async def do(self, key: str, work: Callable[[Flight[T]], Awaitable[T]]) -> T:
         flight = self._flights.get(key)
         if flight is None:
-            flight = _Flight()
+            flight = Flight()
             self._flights[key] = flight
             self._nursery.start_soon(self._run, key, flight, work)
-        await flight.done.wait()
+        flight.waiters += 1
+        try:
+            await flight.done.wait()
+        finally:
+            if flight.leave() and self._flights.get(key) is flight:
+                logs.info("flight.dropped", key=key[:200], detail="every client left the queue")
+                del self._flights[key]  # a new caller starts afresh
         if flight.error is not None:
             raise flight.error
         return flight.result  # type: ignore[return-value]
 
-    async def _run(self, key: str, flight: _Flight[T], work: Callable[[], Awaitable[T]]) -> None:
+    async def _run(
+        self, key: str, flight: Flight[T], work: Callable[[Flight[T]], Awaitable[T]]
+    ) -> None:
         try:
-            flight.result = await work()
+            with flight.scope:
+                flight.result = await work(flight)
         except Exception as exc:  # handed to every waiter, never lost
             flight.error = exc
         finally:
-            del self._flights[key]
+            if self._flights.get(key) is flight:
+                del self._flights[key]
             flight.done.set()
-
-
-class KeyLocks:
-    """Exclusive locks on flight keys, shared by every process on the store.
-
-    A key hashes onto one of :data:`LOCK_STRIPES` ``flock`` files in
-    ``directory`` (so the files do not pile up; two keys seldom share one,
-    and then only wait for each other: two of an image's ten layers share
-    one in about one build of twenty, which costs at most some parallelism).
-    Taking a lock polls without blocking, so a waiter stays cancellable and
-    holds no thread.  The lock belongs to the open file: a process that dies
-    releases it.
-    """
-
-    def __init__(self, directory: Path, kind: str) -> None:
-        self.directory = directory
-        self.kind = kind
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[HeldKey]:
-        stripe = int.from_bytes(blake3.blake3(key.encode()).digest()[:4]) % LOCK_STRIPES
-        path = self.directory / f"{self.kind}-{stripe:04d}"
-        asked = time.time()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            pause = 0.002
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await trio.sleep(pause)
-                    pause = min(pause * 2, LOCK_POLL_SECONDS)
-            yield HeldKey(fd, key, asked)
-        finally:
-            os.close(fd)
-
-
-@dataclass(frozen=True)
-class HeldKey:
-    """A held :class:`KeyLocks` lock; its file keeps the last failure.
-
-    Waiters in one process share a flight's error (:class:`SingleFlight`);
-    a process that waited on the lock reads it here instead, so a build that
-    failed or timed out is not run again at once by every worker.
-    """
-
-    fd: int
-    key: str
-    asked: float
-
-    def failure_while_waiting(self) -> RegistryError | None:
-        """The error of a flight for this key that ended since we asked."""
-        try:
-            entry = json.loads(os.pread(self.fd, 1 << 16, 0) or b"null")
-            if entry and entry["key"] == self.key and entry["at"] >= self.asked:
-                return RegistryError.from_json(entry["error"])
-        except (ValueError, KeyError, TypeError):
-            pass
-        return None
-
-    def record_failure(self, error: RegistryError) -> None:
-        data = json.dumps({"key": self.key, "at": time.time(), "error": error.to_json()})
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, data.encode()[: 1 << 16], 0)
 
 
 async def _recorded(index: RecordIndex, look_up: Callable[[str], T | None], key: str) -> T | None:
@@ -265,6 +236,11 @@ class Builder:
         self._lock_dir = config.storage_path / "locks"
         self._image_locks = KeyLocks(self._lock_dir, "image")
         self._layer_locks = KeyLocks(self._lock_dir, "layer")
+        nursery.start_soon(self._image_locks.refresh_forever)
+        nursery.start_soon(self._layer_locks.refresh_forever)
+        self._slots = BuildSlots(self._lock_dir, config.max_builds)
+        #: Name lookups that failed (MANIFEST_UNKNOWN), by flight key, and when.
+        self._misses: dict[str, tuple[ManifestUnknown, float]] = {}
         self._threads = trio.CapacityLimiter(config.build_threads)
         self._recent = RecentManifests(RECENT_ENTRIES, RECENT_SECONDS)
         self._source_keys: dict[str, tuple[str | None, float]] = {}
@@ -331,9 +307,28 @@ class Builder:
         flight_key = image_key or json.dumps(
             [self.config.source.render(tag), image.arch.nix_system, list(image.packages)]
         )
+        miss = self._recent_miss(flight_key)
+        if miss is not None:
+            raise miss
         return await self._images.do(
             flight_key, partial(self._build_once, flight_key, image, image_key)
         )
+
+    def _recent_miss(self, flight_key: str) -> ManifestUnknown | None:
+        """A failed name lookup of this image within ``config.not_found_ttl``."""
+        miss = self._misses.get(flight_key)
+        if miss is None:
+            return None
+        if trio.current_time() - miss[1] < self.config.not_found_ttl:
+            return miss[0]
+        del self._misses[flight_key]
+        return None
+
+    def _remember(self, flight_key: str, error: RegistryError) -> None:
+        if isinstance(error, ManifestUnknown):
+            if len(self._misses) >= RECENT_ENTRIES:
+                self._misses.clear()
+            self._misses[flight_key] = (error, trio.current_time())
 
     def recent_by_digest(self, digest: str) -> Manifest | None:
         """The manifest ``digest`` if memory alone can answer, else ``None`` (never blocks)."""
@@ -439,12 +434,15 @@ class Builder:
                 os.utime(path)
         return Manifest(data=data, digest=digest, media_type=DOCKER_MANIFEST)
 
-    async def _build_once(self, flight_key: str, image: Image, image_key: str | None) -> Manifest:
+    async def _build_once(
+        self, flight_key: str, image: Image, image_key: str | None, flight: Flight[Manifest]
+    ) -> Manifest:
         """Build the image, unless another process built it (or failed to)
-        while we waited for its lock."""
+        while we waited for its lock, or found no such packages a moment ago."""
         async with self._image_locks.hold(flight_key) as held:
-            failure = held.failure_while_waiting()
+            failure = held.recent_failure(self.config.not_found_ttl)
             if failure is not None:
+                self._remember(flight_key, failure)
                 raise failure
             if image_key is not None:
                 cached = await self._stored_manifest(image_key)
@@ -453,19 +451,27 @@ class Builder:
                               digest=cached.digest)  # fmt: skip
                     return cached
             try:
-                return await self._build_image(image, image_key)
+                return await self._build_image(image, image_key, flight)
             except RegistryError as exc:
                 held.record_failure(exc)
+                self._remember(flight_key, exc)
                 raise
 
-    async def _build_image(self, image: Image, image_key: str | None) -> Manifest:
+    async def _build_image(
+        self, image: Image, image_key: str | None, flight: Flight[Manifest]
+    ) -> Manifest:
+        with flight.droppable():
+            slot = await self._slots.acquire(image.name)
         started = time.monotonic()
-        result = await nix.prepare_image(
-            nix_dir=self.config.nix_dir,
-            source=self.config.source,
-            image=image,
-            timeout=self.config.nix_timeout,
-        )
+        try:
+            result = await nix.prepare_image(
+                nix_dir=self.config.nix_dir,
+                source=self.config.source,
+                image=image,
+                timeout=self.config.nix_timeout,
+            )
+        finally:
+            slot.release()
         nix_done = time.monotonic()
         # Pure but CPU-bound for big closures: keep it off the event loop.
         layers = await trio.to_thread.run_sync(
@@ -486,7 +492,7 @@ class Builder:
 
             async def write(index: int, key: str, entries: Entries) -> None:
                 blobs[index] = await self._layers.do(
-                    key, partial(self._write_layer, image, key, entries)
+                    key, lambda _: self._write_layer(image, key, entries)
                 )
 
             try:

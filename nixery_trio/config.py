@@ -44,6 +44,8 @@ class Config:
     header_timeout: float = 20.0
     keepalive_timeout: float = 75.0
     drain_timeout: float = 30.0
+    max_builds: int = 2
+    not_found_ttl: float = 60.0
 
     @property
     def deflate(self) -> Deflate:
@@ -137,6 +139,20 @@ SETTINGS: tuple[Setting, ...] = (
         "NIXERY_DRAIN_TIMEOUT",
         "Seconds SIGTERM gives the responses in flight to finish before the server stops.",
         "30",
+    ),
+    Setting(
+        "--max-builds",
+        "NIXERY_MAX_BUILDS",
+        "Nix builds at once across all workers (0: the number of cores, at least 2); more "
+        "wait in a queue.",
+        "0",
+    ),
+    Setting(
+        "--not-found-ttl",
+        "NIXERY_NOT_FOUND_TTL",
+        "Seconds a failed package lookup (MANIFEST_UNKNOWN) is answered from memory, "
+        "per package source, before Nix is asked again.",
+        "60",
     ),
 )
 
@@ -246,4 +262,7 @@ def make_config(raw: dict[str, str | None]) -> Config:
         header_timeout=_seconds("NIXERY_HEADER_TIMEOUT", raw.get("header_timeout"), "20"),
         keepalive_timeout=_seconds("NIXERY_KEEPALIVE_TIMEOUT", raw.get("keepalive_timeout"), "75"),
         drain_timeout=_seconds("NIXERY_DRAIN_TIMEOUT", raw.get("drain_timeout"), "30"),
+        max_builds=_int("NIXERY_MAX_BUILDS", raw.get("max_builds") or "0", 0, 1000)
+        or max(2, os.cpu_count() or 1),
+        not_found_ttl=_seconds("NIXERY_NOT_FOUND_TTL", raw.get("not_found_ttl"), "60"),
     )

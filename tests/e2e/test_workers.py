@@ -12,6 +12,7 @@ import hashlib
 import os
 import signal
 import socket
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nixery_trio import supervisor
+from nixery_trio import locks, supervisor
 
 from .server import Server, start_server, wait_for
 from .test_concurrency import builder_pids, fresh_demo, server_pids
@@ -217,3 +218,27 @@ def refused(host: str, port: int) -> bool:
     except ConnectionRefusedError:
         return True
     return False
+
+
+def test_a_stuck_process_holding_a_build_delays_the_others_only_so_long(
+    two_servers: list[Server],
+) -> None:
+    """A process stopped mid-build (SIGSTOP) stops refreshing its lock; the
+    other process, waiting for it, builds the image itself once it is stale."""
+    stuck, other = two_servers
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(httpx.get, f"{stuck.url}/v2/slow/hello/manifests/latest", timeout=120)
+        wait_for(lambda: stuck.count("nix.build"), 30, "the first build to start")
+        os.kill(stuck.process.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            response = httpx.get(f"{other.url}/v2/slow/hello/manifests/latest", timeout=120)
+            waited = time.monotonic() - started
+            assert response.status_code == 200, response.text
+            assert locks.STALE_SECONDS <= waited < locks.STALE_SECONDS + 30
+            (stale,) = other.events("lock.stale")
+            assert stale["kind"] == "image"
+        finally:
+            os.kill(stuck.process.pid, signal.SIGCONT)
+        assert first.result().status_code == 200
+    assert first.result().content == response.content
