@@ -5,11 +5,46 @@ carrying a registry error code (the OCI distribution spec's names where the
 spec has one) and an HTTP status.  The pure core raises these; the HTTP layer
 turns any of them into ``{"errors": [{"code", "message", "detail"}]}`` in one
 place (``registry.py``).  Nothing else in the code base decides statuses.
+
+An error that quotes the host (Nix's output, the operating system's
+messages) reaches the client through :meth:`RegistryError.public_json`,
+without host paths (:func:`public_text`); the server's log keeps them.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
+
+#: An absolute path in a message: a slash that starts no URL or relative
+#: path (or follows ``file://``), up to a space, quote, bracket or comma.
+_HOST_PATH = re.compile(r"(?:(?<=file://)|(?<![\w.:/~+@-]))/(?!/)[^\s'\"`,;()\[\]{}<>|]+")
+_NIX_STORE = "/nix/store/"
+
+
+def public_text(text: str, package_set: str | None) -> str:
+    """``text`` with host paths left out: a path in ``package_set`` becomes
+    relative to it, a Nix store path stays, any other is ``<host path>``."""
+
+    def public(match: re.Match[str]) -> str:
+        path = match.group(0)
+        if path.startswith(_NIX_STORE):
+            return path
+        if package_set and (path == package_set or path.startswith(package_set + "/")):
+            return path[len(package_set) + 1 :] or "."
+        return "<host path>"
+
+    return _HOST_PATH.sub(public, text)
+
+
+def _public(value: Any, package_set: str | None) -> Any:
+    if isinstance(value, str):
+        return public_text(value, package_set)
+    if isinstance(value, dict):
+        return {key: _public(item, package_set) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_public(item, package_set) for item in value]
+    return value
 
 
 class RegistryError(Exception):
@@ -21,6 +56,8 @@ class RegistryError(Exception):
 
     code: ClassVar[str] = "UNKNOWN"
     status: ClassVar[int] = 500
+    #: Whether message and detail may quote the host (and its paths).
+    from_host: ClassVar[bool] = False
 
     def __init__(self, message: str, detail: Any = None) -> None:
         super().__init__(message)
@@ -28,8 +65,14 @@ class RegistryError(Exception):
         self.detail = detail
 
     def to_json(self) -> dict[str, Any]:
-        """The error as one entry of the registry's ``errors`` list."""
+        """The error as one entry of the registry's ``errors`` list, whole (for logs
+        and for the other workers)."""
         return {"code": self.code, "message": self.message, "detail": self.detail}
+
+    def public_json(self, package_set: str | None) -> dict[str, Any]:
+        """:meth:`to_json` as a client gets it: without host paths (see :func:`public_text`)."""
+        entry = self.to_json()
+        return _public(entry, package_set) if self.from_host else entry
 
     @staticmethod
     def from_json(entry: dict[str, Any]) -> RegistryError:
@@ -101,6 +144,7 @@ class BuildFailed(RegistryError):
 
     code = "BUILD_FAILED"
     status = 500
+    from_host = True
 
 
 class BuildTimeout(RegistryError):
@@ -108,6 +152,7 @@ class BuildTimeout(RegistryError):
 
     code = "BUILD_TIMEOUT"
     status = 500
+    from_host = True
 
 
 class StorageError(RegistryError):
@@ -115,6 +160,7 @@ class StorageError(RegistryError):
 
     code = "STORAGE_ERROR"
     status = 500
+    from_host = True
 
 
 class HeadersTooLarge(RegistryError):
@@ -129,6 +175,7 @@ class InternalError(RegistryError):
 
     code = "INTERNAL_ERROR"
     status = 500
+    from_host = True
 
 
 class ConfigError(Exception):

@@ -25,7 +25,7 @@ from typing import Any
 import trio
 
 from . import logs
-from .errors import BuildFailed, BuildTimeout, ManifestUnknown
+from .errors import BuildFailed, BuildTimeout, ManifestUnknown, StorageError
 from .image import Image
 from .layers import StorePathInfo
 from .sources import Source
@@ -136,6 +136,8 @@ async def prepare_image(
             message=message,
             stderr=stderr[-_STDERR_TAIL:],
         )
+        if "No space left on device" in stderr:
+            raise StorageError(f"Nix ran out of disk space: {message}")
         raise BuildFailed(message, {"stderr": stderr[-_STDERR_TAIL:]})
     out_path = proc.stdout.decode().strip().splitlines()[-1]
     data = await trio.Path(out_path).read_bytes()

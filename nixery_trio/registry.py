@@ -21,6 +21,7 @@ the same bytes and the same JSON errors.
 
 from __future__ import annotations
 
+import errno
 import json
 from typing import Any
 
@@ -37,10 +38,12 @@ from .errors import (
     InternalError,
     NotFound,
     RegistryError,
+    StorageError,
     Unsupported,
 )
 from .httpserver import ZEROCOPYSEND
 from .routes import Kind, Route, parse_route
+from .sources import PathSource
 from .version import source_version
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
@@ -49,22 +52,47 @@ MAX_HEADER_BYTES = 32 * 1024
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
-def error_body(exc: RegistryError) -> bytes:
-    """The registry JSON error document for ``exc``."""
-    return json.dumps({"errors": [exc.to_json()]}).encode()
+def error_body(exc: RegistryError, package_set: str | None) -> bytes:
+    """The registry JSON error document for ``exc``, without host paths (but
+    relative ones inside ``package_set``, see ``errors.public_text``)."""
+    return json.dumps({"errors": [exc.public_json(package_set)]}).encode()
 
 
-def internal_error(exc: Exception, path: str) -> InternalError:
-    """Log an unexpected failure of a request; the error the client gets for it."""
+def internal_error(exc: Exception, path: str) -> RegistryError:
+    """Log an unexpected failure of a request; the error the client gets for it.
+
+    Out of space (or quota) anywhere in it is the store's disk: ``STORAGE_ERROR``.
+    """
     logs.error("request.failed", path=path, error=repr(exc), exc_info=True)
+    full = _disk_full(exc)
+    if full is not None:
+        return StorageError(f"the store's disk is full: {full}", {"errno": full.errno})
     return InternalError(
         f"internal error: {type(exc).__name__}: {exc}", {"type": type(exc).__name__}
     )
 
 
-def error_response(exc: RegistryError, extra_headers: dict[str, str] | None = None) -> Response:
+def _disk_full(exc: BaseException) -> OSError | None:
+    """The out-of-space error in ``exc``, its groups or its causes, if any."""
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        found = pending.pop()
+        if isinstance(found, OSError) and found.errno in (errno.ENOSPC, errno.EDQUOT):
+            return found
+        if isinstance(found, BaseExceptionGroup):
+            pending.extend(found.exceptions)
+        if found is not None:
+            pending.append(found.__cause__)
+    return None
+
+
+def error_response(
+    exc: RegistryError, package_set: str | None, extra_headers: dict[str, str] | None = None
+) -> Response:
     """The registry JSON error for ``exc``, with its status."""
-    response = Response(error_body(exc), status=exc.status, content_type="application/json")
+    response = Response(
+        error_body(exc, package_set), status=exc.status, content_type="application/json"
+    )
     response.headers[API_VERSION_HEADER[0]] = API_VERSION_HEADER[1]
     for key, value in (extra_headers or {}).items():
         response.headers[key] = value
@@ -110,6 +138,7 @@ class FastLane:
         self.app = app
         self.builder = builder
         self.sendfile = builder.config.blob_sendfile
+        self.package_set = package_set_path(builder)
         self._common = [
             (API_VERSION_HEADER[0].encode(), API_VERSION_HEADER[1].encode()),
             (b"Server", server_header.encode()),
@@ -155,7 +184,7 @@ class FastLane:
         return True
 
     async def _send_error(self, error: RegistryError, send: Any) -> None:
-        body = error_body(error)
+        body = error_body(error, self.package_set)
         headers = [
             (b"Content-Type", b"application/json"),
             (b"Content-Length", str(len(body)).encode()),
@@ -214,21 +243,25 @@ def create_app(builder: Builder) -> FastLane:
     app = QuartTrio("nixery_trio")
     server_header = f"nixery-trio/{__version__}+{source_version(builder.config.nix_dir)}"
     app.config.update(RESPONSE_TIMEOUT=None, BODY_TIMEOUT=10, MAX_CONTENT_LENGTH=0)
+    package_set = package_set_path(builder)
 
     @app.errorhandler(RegistryError)
     async def registry_error(exc: RegistryError) -> Response:
         extra = {"Allow": "GET, HEAD"} if isinstance(exc, Unsupported) else None
         if isinstance(exc.detail, dict) and "size" in exc.detail and exc.status == 416:
             extra = {"Content-Range": f"bytes */{exc.detail['size']}"}
-        return error_response(exc, extra)
+        return error_response(exc, package_set, extra)
 
     @app.errorhandler(Exception)
     async def unexpected_error(exc: Exception) -> Response:
         status = getattr(exc, "code", None)
         if isinstance(status, int) and 400 <= status < 500:  # werkzeug HTTP errors
-            return error_response(_http_error(status, exc))
-        return error_response(internal_error(exc, request.path))
+            return error_response(_http_error(status, exc), package_set)
+        return error_response(internal_error(exc, request.path), package_set)
 
+    # /v2 is answered as /v2/, not redirected: Quart's redirect would echo
+    # the client's Host header into its Location.
+    @app.route("/v2", methods=ALL_METHODS)
     @app.route("/v2/", methods=ALL_METHODS)
     @app.route("/v2/<path:rest>", methods=ALL_METHODS)
     async def v2(rest: str = "") -> Response:
@@ -269,6 +302,12 @@ def create_app(builder: Builder) -> FastLane:
         return response
 
     return FastLane(app, builder, server_header)
+
+
+def package_set_path(builder: Builder) -> str | None:
+    """The local package set's directory, which errors may name relative to it."""
+    source = builder.config.source
+    return str(source.path) if isinstance(source, PathSource) else None
 
 
 def _http_error(status: int, exc: Exception) -> RegistryError:

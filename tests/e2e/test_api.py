@@ -50,6 +50,14 @@ def test_version_check(server: Server) -> None:
     assert response.headers["docker-distribution-api-version"] == "registry/2.0"
 
 
+def test_v2_without_its_slash_is_answered_not_redirected(server: Server) -> None:
+    """A redirect would carry the client's Host header into its Location."""
+    response = get(server, "/v2", headers={"Host": "evil.example"})
+    assert response.status_code == 200 and response.json() == {}
+    assert "location" not in response.headers
+    assert response.headers["docker-distribution-api-version"] == "registry/2.0"
+
+
 def test_manifest_config_and_blobs(server: Server) -> None:
     response = get(server, "/v2/hello/manifests/latest")
     assert response.status_code == 200, response.text
