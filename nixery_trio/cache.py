@@ -30,7 +30,7 @@ from typing import Any
 import blake3
 import msgpack
 
-from .cas import CAS
+from .cas import CAS, recreating
 from .errors import StorageError
 from .manifest import LayerBlob
 
@@ -71,9 +71,9 @@ class RecordIndex:
         data = blake3.blake3(payload).digest() + payload
         tmp = self.tmp_dir / f"{secrets.token_hex(12)}.rec"
         try:
-            with open(tmp, "xb") as f:
+            with recreating(self.tmp_dir, lambda: open(tmp, "xb")) as f:
                 f.write(data)
-            os.rename(tmp, self._path(key))
+            recreating(self.directory, lambda: os.rename(tmp, self._path(key)))
         except OSError as exc:
             raise StorageError(f"cannot write a cache record in {self.directory}: {exc}") from exc
         finally:

@@ -26,13 +26,15 @@ import fcntl
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from .digest import digest_hex, parse_digest, sha256_digest
 from .errors import StorageError
+
+T = TypeVar("T")
 
 #: Seconds a starting server waits for the store's other servers to be gone
 #: (the workers of a killed server take a moment to die) before it leaves
@@ -41,6 +43,19 @@ SERVING_WAIT = 3.0
 #: Bytes written between two background ``fdatasync`` calls of a blob
 #: being written (one at a time; a blob smaller than this never starts one).
 WRITEBACK_BYTES = 16 << 20
+
+
+def recreating(directory: Path, action: Callable[[], T]) -> T:
+    """``action()``; if it fails for want of ``directory`` (removed by hand, say),
+    once more after creating it, so that a store heals instead of failing
+    every request until a restart."""
+    try:
+        return action()
+    except FileNotFoundError:
+        if directory.is_dir():
+            raise
+        directory.mkdir(parents=True, exist_ok=True)
+        return action()
 
 
 class BlobWriter:
@@ -84,7 +99,7 @@ class BlobWriter:
         os.fsync(self.file.fileno())
         self.file.close()
         target = self._cas.path(digest)
-        os.rename(self.path, target)
+        recreating(self._cas.blob_dir, lambda: os.rename(self.path, target))
         if sync_dir:
             self._cas.sync_dir()
         return target
@@ -183,7 +198,7 @@ class CAS:
         """A temporary blob file; removed unless ``commit`` was called."""
         path = self.tmp_dir / f"{secrets.token_hex(12)}.part"
         try:
-            file = open(path, "xb", buffering=0)  # noqa: SIM115 - owned by BlobWriter
+            file = recreating(self.tmp_dir, lambda: open(path, "xb", buffering=0))  # noqa: SIM115
         except OSError as exc:
             raise StorageError(f"cannot create a blob in {self.tmp_dir}: {exc}") from exc
         blob = BlobWriter(self, file, path)
@@ -249,7 +264,7 @@ class StoreLock:
 
     def acquire(self, exclusive: bool = False) -> int:
         """Block until held; return the descriptor that releases it on close."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = recreating(self.path.parent, lambda: os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         except BaseException:

@@ -40,6 +40,7 @@ import blake3
 import trio
 
 from . import logs
+from .cas import recreating
 from .errors import ManifestUnknown, RegistryError
 
 #: Lock files per kind of flight (keys hash onto them).
@@ -57,11 +58,7 @@ SLOT_POLL_SECONDS = 0.05
 def _open(path: Path) -> int:
     """Open (creating) a lock file; recreate its directory if it was removed."""
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-    try:
-        return os.open(path, flags, 0o644)
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return os.open(path, flags, 0o644)
+    return recreating(path.parent, lambda: os.open(path, flags, 0o644))
 
 
 def _try_lock(fd: int) -> bool:
@@ -217,4 +214,3 @@ class BuildSlots:
                 return fd
             os.close(fd)
         return None
-

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -22,7 +23,9 @@ import h11
 import httpx
 import pytest
 
-from .server import Server, start_server, wait_for
+from nixery_trio.maintenance import fsck
+
+from .server import DEMO, Server, start_server, wait_for
 from .test_concurrency import server_pids
 
 MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -273,3 +276,42 @@ def test_pipelined_requests_are_answered_in_order_with_bounded_memory(server: Se
                 assert "sha256:" + body.hexdigest() == layer["digest"]
             client.start_next_cycle()
     assert rss(server) - before < MEMORY_SLACK
+
+
+def test_an_evaluation_error_names_no_host_path(tmp_path: Path) -> None:
+    pkgs = tmp_path / "pkgs"
+    pkgs.mkdir()
+    (pkgs / "default.nix").write_text(
+        f"args: (import {DEMO} args) // {{\n  evil = noSuchVariable;\n}}\n"
+    )
+    server = start_server(tmp_path / "registry", source=("--pkgs-path", str(pkgs)),
+                          extra=("--workers", "1"))  # fmt: skip
+    try:
+        response = httpx.get(f"{server.url}/v2/hello/manifests/latest", timeout=120)
+    finally:
+        server.stop()
+    assert response.status_code == 500
+    error = response.json()["errors"][0]
+    assert error["code"] == "BUILD_FAILED"
+    assert "undefined variable 'noSuchVariable'" in error["message"]
+    assert "at default.nix:2:10" in error["detail"]["stderr"]  # what helps, relative
+    for host_path in (str(tmp_path), str(DEMO), "/tmp/", "/work/", "/root/"):
+        assert host_path not in response.text
+    assert f"{pkgs}/default.nix:2:10" in server.log_path.read_text()  # the log keeps it
+
+
+def test_store_folders_removed_while_serving_are_recreated(tmp_path: Path) -> None:
+    server = start_server(tmp_path, extra=("--workers", "2"))
+    try:
+        assert httpx.get(f"{server.url}/v2/hello/manifests/latest", timeout=120).is_success
+        for name in ("tmp", "locks", "index"):
+            shutil.rmtree(server.storage / name)
+        (server.storage / "lock").unlink()
+        for image in ("docs", "shell/hello", "hello"):
+            response = httpx.get(f"{server.url}/v2/{image}/manifests/latest", timeout=120)
+            assert response.status_code == 200, response.text
+        for name in ("tmp", "locks", "index/layers", "index/manifests", "lock"):
+            assert (server.storage / name).exists(), name
+        assert fsck(server.storage) == []
+    finally:
+        server.stop()
