@@ -16,6 +16,8 @@ and the target it is held to), and the report says which targets are met.
                   warm manifest GETs vs CNCF distribution (docker-registry)
     builds.py     cold build split into nix-build / layering / layer writing / rest;
                   layering a synthetic 5,000-path closure
+    connections.py  a normal client's latency beside 1,000 idle and 200 slow-header
+                  connections
     report.py     the markdown table and the PNG chart
     common.py     machine facts, processes, wrk, the Check row
 """

@@ -12,12 +12,18 @@ from pathlib import Path
 
 from nixery_trio import archive, blobs
 
-from . import builds, pipeline, report, serving, soak
+from . import builds, connections, pipeline, report, serving, soak
 from .common import REPO, Context, Section, machine, missing_tools, tool_version
 
 #: Each benchmark module has ``run(ctx) -> list[Section]`` and ``TOOLS``, the
 #: programs it runs.
-BENCHMARKS = {"pipeline": pipeline, "serving": serving, "builds": builds, "soak": soak}
+BENCHMARKS = {
+    "pipeline": pipeline,
+    "serving": serving,
+    "builds": builds,
+    "connections": connections,
+    "soak": soak,
+}
 
 
 def defaults_text(sections: list[Section]) -> str:
