@@ -76,6 +76,12 @@ class Server:
     def stop(self) -> None:
         stop_process(self.process, grace=10)
 
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 def start_server(
     workdir: Path,

@@ -92,6 +92,17 @@ def test_manifest_config_and_blobs(server: Server) -> None:
         assert int(head.headers["content-length"]) == layer["size"]
 
 
+def test_an_output_named_or_not_is_one_image(server: Server) -> None:
+    """``hello.out`` is ``hello``'s default output: Nix runs once for each
+    spelling (only Nix knows a package's default output, and for a package
+    whose first output is ``bin``, ``pkg.out`` is another image), and both
+    give the same manifest, stored once."""
+    plain = get(server, "/v2/hello/manifests/latest", headers={"Accept": MANIFEST})
+    dotted = get(server, "/v2/hello.out/manifests/latest", headers={"Accept": MANIFEST})
+    assert plain.status_code == dotted.status_code == 200
+    assert plain.content == dotted.content
+
+
 def test_tags_list(server: Server) -> None:
     assert get(server, "/v2/shell/hello/tags/list").json() == {
         "name": "shell/hello",

@@ -179,16 +179,16 @@ def test_running_out_of_descriptors_is_logged_once_per_interval(tmp_path: Path) 
     )
     clients: list[socket.socket] = []
     try:
-        for _ in range(200):
-            clients.append(connect(server))
-        wait_for(lambda: server.count("accept.failed"), 20, "the server to run out")
-        started = time.monotonic()
-        while time.monotonic() - started < 1.5:  # it keeps failing meanwhile
-            assert server.count("accept.failed") == 1
-    finally:
-        for client in clients:
-            client.close()
-    try:
+        try:
+            for _ in range(200):
+                clients.append(connect(server))
+            wait_for(lambda: server.count("accept.failed"), 20, "the server to run out")
+            started = time.monotonic()
+            while time.monotonic() - started < 1.5:  # it keeps failing meanwhile
+                assert server.count("accept.failed") == 1
+        finally:
+            for client in clients:
+                client.close()
         wait_for(lambda: httpx.get(f"{server.url}/v2/", timeout=5).status_code == 200, 30,
                  "the server to serve again")  # fmt: skip
         log = server.log_path.read_text()

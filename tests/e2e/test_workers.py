@@ -115,19 +115,19 @@ def test_a_dead_worker_is_replaced(tmp_path: Path) -> None:
 
 
 def test_workers_that_keep_dying_stop_the_server(tmp_path: Path) -> None:
-    server = start_server(tmp_path, extra=("--workers", "2"))
-    for death in range(1, supervisor.MAX_RESTARTS + 2):
-        os.kill(server_pids(server)[1], signal.SIGKILL)
+    with start_server(tmp_path, extra=("--workers", "2")) as server:
+        for death in range(1, supervisor.MAX_RESTARTS + 2):
+            os.kill(server_pids(server)[1], signal.SIGKILL)
 
-        def replaced_or_stopped(death: int = death) -> bool:
-            if server.process.poll() is not None:
-                return True
-            return server.count("worker.exited") == death and len(server_pids(server)) == 3
+            def replaced_or_stopped(death: int = death) -> bool:
+                if server.process.poll() is not None:
+                    return True
+                return server.count("worker.exited") == death and len(server_pids(server)) == 3
 
-        wait_for(replaced_or_stopped, 30, "the worker to be replaced or the server to give up")
-    assert server.process.wait(30) == 1  # for the service manager to restart it
-    assert server.count("worker.replaced") == supervisor.MAX_RESTARTS
-    assert server.count("server.failing") == 1
+            wait_for(replaced_or_stopped, 30, "the worker to be replaced or the server to give up")
+        assert server.process.wait(30) == 1  # for the service manager to restart it
+        assert server.count("worker.replaced") == supervisor.MAX_RESTARTS
+        assert server.count("server.failing") == 1
 
 
 def test_sigterm_stops_every_worker(tmp_path: Path) -> None:
@@ -169,47 +169,47 @@ def test_a_second_server_leaves_the_first_ones_work_in_progress_alone(
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_sigterm_drains_the_responses_in_flight(tmp_path: Path, workers: str) -> None:
-    server = start_server(tmp_path, extra=("--workers", workers, "--drain-timeout", "30"))
-    layer = largest_layer(server)
-    downloading = connect(server, receive_buffer=64 << 10)
-    idle = connect(server)
-    try:
-        request = f"GET /v2/large/blobs/{layer['digest']} HTTP/1.1\r\nHost: x\r\n\r\n"
-        downloading.sendall(request.encode())
-        head = downloading.recv(1 << 16)
-        assert head.startswith(b"HTTP/1.1 200")
-        idle.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert idle.recv(1 << 16).startswith(b"HTTP/1.1 200")
+    with start_server(tmp_path, extra=("--workers", workers, "--drain-timeout", "30")) as server:
+        layer = largest_layer(server)
+        downloading = connect(server, receive_buffer=64 << 10)
+        idle = connect(server)
+        try:
+            request = f"GET /v2/large/blobs/{layer['digest']} HTTP/1.1\r\nHost: x\r\n\r\n"
+            downloading.sendall(request.encode())
+            head = downloading.recv(1 << 16)
+            assert head.startswith(b"HTTP/1.1 200")
+            idle.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert idle.recv(1 << 16).startswith(b"HTTP/1.1 200")
 
-        server.process.send_signal(signal.SIGTERM)
-        wait_for(lambda: server.count("server.draining"), 10, "the server to drain")
-        _, closed = until_closed(idle, 10)
-        assert closed is not None, "an idle connection stays open while draining"
-        host, port = server.host.rsplit(":", 1)
-        wait_for(lambda: refused(host, int(port)), 10, "new connections to be refused")
-        assert server.process.poll() is None  # still sending the blob
+            server.process.send_signal(signal.SIGTERM)
+            wait_for(lambda: server.count("server.draining"), 10, "the server to drain")
+            _, closed = until_closed(idle, 10)
+            assert closed is not None, "an idle connection stays open while draining"
+            host, port = server.host.rsplit(":", 1)
+            wait_for(lambda: refused(host, int(port)), 10, "new connections to be refused")
+            assert server.process.poll() is None  # still sending the blob
 
-        rest, closed = until_closed(downloading, 60)
-        body = (head + rest).split(b"\r\n\r\n", 1)[1]
-        assert len(body) == layer["size"]
-        assert "sha256:" + hashlib.sha256(body).hexdigest() == layer["digest"]
-    finally:
-        downloading.close()
-        idle.close()
-    assert server.process.wait(30) == 0
+            rest, closed = until_closed(downloading, 60)
+            body = (head + rest).split(b"\r\n\r\n", 1)[1]
+            assert len(body) == layer["size"]
+            assert "sha256:" + hashlib.sha256(body).hexdigest() == layer["digest"]
+        finally:
+            downloading.close()
+            idle.close()
+        assert server.process.wait(30) == 0
 
 
 def test_a_response_that_outlasts_the_drain_timeout_is_cut_off(tmp_path: Path) -> None:
-    server = start_server(tmp_path, extra=("--workers", "2", "--drain-timeout", "1"))
-    layer = largest_layer(server)
-    with connect(server, receive_buffer=64 << 10) as stalled:
-        stalled.sendall(
-            f"GET /v2/large/blobs/{layer['digest']} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
-        )
-        assert stalled.recv(1 << 16).startswith(b"HTTP/1.1 200")
-        server.process.send_signal(signal.SIGTERM)
-        assert server.process.wait(30) == 0  # it did not wait for the client to read
-    assert server.count("server.killing_workers") == 0
+    with start_server(tmp_path, extra=("--workers", "2", "--drain-timeout", "1")) as server:
+        layer = largest_layer(server)
+        with connect(server, receive_buffer=64 << 10) as stalled:
+            stalled.sendall(
+                f"GET /v2/large/blobs/{layer['digest']} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            )
+            assert stalled.recv(1 << 16).startswith(b"HTTP/1.1 200")
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(30) == 0  # it did not wait for the client to read
+        assert server.count("server.killing_workers") == 0
 
 
 def refused(host: str, port: int) -> bool:
