@@ -23,10 +23,19 @@ from pathlib import Path
 
 from nixery_trio.layers import StorePathInfo, group_layers
 
-from .common import NIX_ENV, REPO, Check, Context, Section, free_port, our_server_argv, process
+from .common import (
+    DOCKER_V2,
+    NIX_ENV,
+    REPO,
+    Check,
+    Context,
+    Section,
+    free_port,
+    our_server_argv,
+    process,
+)
 from .pipeline import bench_store_paths
 
-DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 #: Cold builds per image on fresh stores (the median run is reported).
 #: The programs this benchmark runs besides ours (see ``common.PACKAGES``).
 TOOLS = ("nix-build", "nix-instantiate")

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+#: The manifest type the benchmarks ask for.
+DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 #: Nix offline: an unreachable binary cache costs seconds per build.
 NIX_ENV = {**os.environ, "NIX_CONFIG": "substituters ="}
 
@@ -122,6 +124,17 @@ def cpu_seconds(pids: Sequence[int]) -> float:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])
     return total / ticks
+
+
+def rss_bytes(pids: Sequence[int]) -> int:
+    """The summed resident memory of ``pids`` (a server's parent and workers)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) << 10
+    return total
 
 
 def children(pid: int) -> list[int]:

@@ -12,16 +12,15 @@ with them.
 
 from __future__ import annotations
 
-import contextlib
 import resource
 import selectors
 import socket
 import threading
 import time
-from pathlib import Path
 from types import TracebackType
 
 from .common import (
+    DOCKER_V2,
     NIX_ENV,
     REPO,
     Check,
@@ -33,6 +32,7 @@ from .common import (
     http_ok,
     our_server_argv,
     process,
+    rss_bytes,
     wait_until,
     wrk,
 )
@@ -45,7 +45,6 @@ NORMAL_CONNECTIONS = 4
 TARGET_P99 = 0.050
 #: The server's header timeout for this run: the slow connections are cut off and come back.
 HEADER_TIMEOUT = 3
-DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 
 
 class Hostile:
@@ -108,16 +107,6 @@ class Hostile:
         return sock
 
 
-def _rss(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) << 10
-    return total
-
-
 def _row(label: str, result: WrkResult) -> list[str]:
     return [
         label,
@@ -146,12 +135,12 @@ def run(ctx: Context) -> list[Section]:
         pids = children(server.pid)
         wait_until(lambda: http_ok(url, {"Accept": DOCKER_V2}), 300, "hello to build")
         calm = wrk(url, NORMAL_CONNECTIONS, seconds, pids, accept)
-        rss_calm = _rss(pids)
+        rss_calm = rss_bytes(pids)
         started = time.monotonic()
         with Hostile(port, IDLE, SLOW) as hostile:
             opened = time.monotonic() - started
             loaded = wrk(url, NORMAL_CONNECTIONS, seconds, pids, accept)
-            rss_loaded = _rss(pids)
+            rss_loaded = rss_bytes(pids)
             idle_open = hostile.idle_open()
             reconnects = hostile.reconnects
     p99 = loaded.latency.get("99%", float("nan"))

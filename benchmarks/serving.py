@@ -18,6 +18,7 @@ from nixery_trio import archive, blobs
 from nixery_trio.cas import CAS
 
 from .common import (
+    DOCKER_V2,
     REPO,
     Check,
     Context,
@@ -36,7 +37,6 @@ from .pipeline import bench_store_paths, quick_store_path
 
 #: The programs this benchmark runs besides ours (see ``common.PACKAGES``).
 TOOLS = ("nginx", "wrk", "docker-registry", "skopeo", "nix-build", "nix-instantiate")
-DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 
 NGINX_CONF = """
 worker_processes auto;

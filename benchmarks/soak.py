@@ -17,12 +17,21 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 import trio
 
-from .common import REPO, Check, Context, Section, children, free_port, our_server_argv, process
+from .common import (
+    REPO,
+    Check,
+    Context,
+    Section,
+    children,
+    free_port,
+    our_server_argv,
+    process,
+    rss_bytes,
+)
 
 #: The programs this benchmark runs besides ours (see ``common.PACKAGES``).
 TOOLS = ("nix-build",)
@@ -46,16 +55,6 @@ class Stats:
     bytes: int = 0
     errors: list[str] = field(default_factory=list)
     rss: list[tuple[float, int]] = field(default_factory=list)
-
-
-def rss_bytes(pids: list[int]) -> int:
-    """The summed RSS of the server's processes (the parent and its workers)."""
-    total = 0
-    for pid in pids:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) * 1024
-    return total
 
 
 async def pull(http: httpx.AsyncClient, base: str, name: str, stats: Stats) -> None:

@@ -23,6 +23,7 @@ import h11
 import httpx
 import pytest
 
+from benchmarks.common import rss_bytes
 from nixery_trio.maintenance import fsck
 
 from .server import DEMO, Server, start_server, wait_for
@@ -62,13 +63,7 @@ def until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, float | No
 
 def rss(server: Server) -> int:
     """Resident memory of the server's processes, in bytes."""
-    total = 0
-    for pid in server_pids(server):
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) << 10
-    return total
+    return rss_bytes(server_pids(server))
 
 
 def sockets(server: Server) -> int:
