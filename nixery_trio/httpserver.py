@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import http
 import math
 import os
 import resource
@@ -84,6 +85,13 @@ HEADER_TIMEOUT = 20.0
 ACCEPT_RETRY = 0.1
 ACCEPT_LOG_INTERVAL = 10.0
 _ACCEPT_CAPACITY = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS)
+#: The reason phrase of every status code: the standard library's, with RFC 9110's
+#: names where older Pythons keep RFC 7231's.
+_REASONS = {status.value: status.phrase.encode() for status in http.HTTPStatus} | {
+    413: b"Content Too Large",
+    416: b"Range Not Satisfiable",
+    422: b"Unprocessable Content",
+}
 #: Errors of a socket whose peer went away.
 _GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF)
 
@@ -262,6 +270,18 @@ class ZeroCopyH11Protocol(H11Protocol):
     def _h11(self) -> h11.Connection:
         assert isinstance(self.connection, h11.Connection), "file body on a websocket"
         return self.connection
+
+    async def _send_h11_event(self, event: Any) -> None:
+        # Hypercorn leaves the reason phrase out ("HTTP/1.1 200 "); RFC 9112
+        # allows it, but people and some tools read the status line.
+        if isinstance(event, (h11.Response, h11.InformationalResponse)) and not event.reason:
+            event = type(event)(
+                status_code=event.status_code,
+                headers=event.headers,
+                http_version=event.http_version,
+                reason=_REASONS.get(event.status_code, b""),
+            )
+        await super()._send_h11_event(event)
 
     async def _check_protocol(self, event: h11.Request) -> None:
         """Speak HTTP/1.1 only: an ``Upgrade: h2c`` is ignored, as RFC 9113 lets a server do.

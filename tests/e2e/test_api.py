@@ -50,6 +50,30 @@ def test_version_check(server: Server) -> None:
     assert response.headers["docker-distribution-api-version"] == "registry/2.0"
 
 
+def test_every_status_line_has_its_reason_phrase(server: Server) -> None:
+    layer = max(get(server, "/v2/hello/manifests/latest").json()["layers"], key=len)
+    blob = f"/v2/hello/blobs/{layer['digest']}"
+    host, port = server.host.rsplit(":", 1)
+    for method, path, headers, status, reason in [
+        ("GET", "/v2/", {}, 200, "OK"),
+        ("GET", "/v2/hello/manifests/latest", {}, 200, "OK"),
+        ("HEAD", blob, {}, 200, "OK"),
+        ("GET", blob, {"Range": "bytes=0-9"}, 206, "Partial Content"),
+        ("GET", blob, {"Range": "bytes=999999999-"}, 416, "Range Not Satisfiable"),
+        ("GET", "/nope", {}, 404, "Not Found"),
+        ("PUT", "/v2/hello/manifests/latest", {}, 405, "Method Not Allowed"),
+        ("GET", "/v2/UPPER/manifests/latest", {}, 400, "Bad Request"),
+    ]:
+        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        try:
+            connection.request(method, path, headers=headers)
+            reply = connection.getresponse()
+            reply.read()
+        finally:
+            connection.close()
+        assert (reply.status, reply.reason) == (status, reason), path
+
+
 def test_v2_without_its_slash_is_answered_not_redirected(server: Server) -> None:
     """A redirect would carry the client's Host header into its Location."""
     response = get(server, "/v2", headers={"Host": "evil.example"})
