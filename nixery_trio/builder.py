@@ -50,10 +50,20 @@ from .errors import ManifestUnknown, RegistryError
 from .image import Image, parse_image
 from .layers import group_layers
 from .locks import BuildSlots, KeyLocks
-from .manifest import DOCKER_MANIFEST, LayerBlob, build_config, build_manifest, manifest_refs
+from .manifest import (
+    OCI_MANIFEST,
+    Format,
+    LayerBlob,
+    build_config,
+    build_manifest,
+    convert_manifest,
+    manifest_format,
+    manifest_refs,
+)
 from .sources import PathSource
 
 T = TypeVar("T")
+V = TypeVar("V")
 #: A deferred walk of a layer's files (run in the worker thread).
 Entries = Callable[[], Iterable[archive.Entry]]
 
@@ -186,7 +196,17 @@ class Manifest:
     media_type: str
 
 
-class RecentManifests:
+@dataclass(frozen=True)
+class ImageManifests:
+    """An image's manifests, one per format (see ``manifest.negotiate``)."""
+
+    by_format: dict[Format, Manifest]
+
+    def pick(self, fmt: Format) -> Manifest:
+        return self.by_format[fmt]
+
+
+class RecentManifests(Generic[V]):
     """Manifests checked against the store in the last few seconds.
 
     A warm pull asks for the same manifest again and again; each check reads
@@ -200,16 +220,16 @@ class RecentManifests:
     def __init__(self, entries: int, seconds: float) -> None:
         self._entries = entries
         self._seconds = seconds
-        self._memo: OrderedDict[str, tuple[Manifest, float]] = OrderedDict()
+        self._memo: OrderedDict[str, tuple[V, float]] = OrderedDict()
 
-    def get(self, key: str) -> Manifest | None:
+    def get(self, key: str) -> V | None:
         memo = self._memo.get(key)
         if memo is None or trio.current_time() - memo[1] > self._seconds:
             return None
         self._memo.move_to_end(key)
         return memo[0]
 
-    def put(self, key: str, manifest: Manifest) -> None:
+    def put(self, key: str, manifest: V) -> None:
         self._memo[key] = (manifest, trio.current_time())
         self._memo.move_to_end(key)
         while len(self._memo) > self._entries:
@@ -231,7 +251,7 @@ class Builder:
         self.layer_cache = LayerCache(config.storage_path, cas)
         self.manifest_cache = ManifestCache(config.storage_path, cas)
         self.popularity = popularity
-        self._images: SingleFlight[Manifest] = SingleFlight(nursery)
+        self._images: SingleFlight[ImageManifests] = SingleFlight(nursery)
         self._layers: SingleFlight[LayerBlob] = SingleFlight(nursery)
         self._lock_dir = config.storage_path / "locks"
         self._image_locks = KeyLocks(self._lock_dir, "image")
@@ -242,7 +262,12 @@ class Builder:
         #: Name lookups that failed (MANIFEST_UNKNOWN), by flight key, and when.
         self._misses: dict[str, tuple[ManifestUnknown, float]] = {}
         self._threads = trio.CapacityLimiter(config.build_threads)
-        self._recent = RecentManifests(RECENT_ENTRIES, RECENT_SECONDS)
+        self._recent_images: RecentManifests[ImageManifests] = RecentManifests(
+            RECENT_ENTRIES, RECENT_SECONDS
+        )
+        self._recent_digests: RecentManifests[Manifest] = RecentManifests(
+            RECENT_ENTRIES, RECENT_SECONDS
+        )
         self._source_keys: dict[str, tuple[str | None, float]] = {}
         #: How long the source took to answer last (see INLINE_KEY_SECONDS).
         self._key_seconds = float("inf")
@@ -268,7 +293,7 @@ class Builder:
     def parse(self, name: str, tag: str) -> Image:
         return parse_image(name, tag, max_packages=self.config.max_packages)
 
-    def recent_manifest(self, name: str, tag: str) -> Manifest | None:
+    def recent_manifest(self, name: str, tag: str) -> ImageManifests | None:
         """The manifest of ``name:tag`` if memory alone can answer, else ``None``.
 
         Never blocks and never builds: the fast path for warm pulls, which
@@ -282,13 +307,13 @@ class Builder:
         if memo is None or trio.current_time() - memo[1] >= SOURCE_KEY_SECONDS:
             return None
         image_key = self._image_key(image, memo[0])
-        manifest = None if image_key is None else self._recent.get("image:" + image_key)
-        if manifest is not None:
-            logs.info("manifest.cached", image=name, tag=tag, digest=manifest.digest)
-        return manifest
+        manifests = None if image_key is None else self._recent_images.get(image_key)
+        if manifests is not None:
+            logs.info("manifest.cached", image=name, tag=tag)
+        return manifests
 
-    async def manifest_for_tag(self, name: str, tag: str) -> Manifest:
-        """The manifest of ``name:tag``, building the image when needed."""
+    async def manifest_for_tag(self, name: str, tag: str) -> ImageManifests:
+        """The manifests of ``name:tag``, building the image when needed."""
         image = self.parse(name, tag)
         asked_at = trio.current_time()
         image_key = self._image_key(image, await self._source_key(tag))
@@ -302,7 +327,7 @@ class Builder:
                 image_key = current
                 cached = await self._cached(image_key)
         if cached is not None:
-            logs.info("manifest.cached", image=name, tag=tag, digest=cached.digest)
+            logs.info("manifest.cached", image=name, tag=tag)
             return cached
         flight_key = image_key or json.dumps(
             [self.config.source.render(tag), image.arch.nix_system, list(image.packages)]
@@ -332,7 +357,7 @@ class Builder:
 
     def recent_by_digest(self, digest: str) -> Manifest | None:
         """The manifest ``digest`` if memory alone can answer, else ``None`` (never blocks)."""
-        return self._recent.get("digest:" + digest)
+        return self._recent_digests.get(digest)
 
     async def manifest_for_digest(self, digest: str) -> Manifest:
         """A stored manifest by digest, or ManifestUnknown."""
@@ -341,7 +366,7 @@ class Builder:
             manifest = await trio.to_thread.run_sync(self._locked_manifest, digest)
             if manifest is None:
                 raise ManifestUnknown(f"manifest {digest} is not known to this registry")
-            self._recent.put("digest:" + digest, manifest)
+            self._recent_digests.put(digest, manifest)
         return manifest
 
     @staticmethod
@@ -350,18 +375,18 @@ class Builder:
             return None
         return json.dumps([source_key, image.arch.nix_system, list(image.packages)])
 
-    async def _cached(self, image_key: str | None) -> Manifest | None:
+    async def _cached(self, image_key: str | None) -> ImageManifests | None:
         if image_key is None:
             return None
-        cached = self._recent.get("image:" + image_key)
+        cached = self._recent_images.get(image_key)
         if cached is None:
             cached = await self._stored_manifest(image_key)
             if cached is not None:
-                self._recent.put("image:" + image_key, cached)
+                self._recent_images.put(image_key, cached)
         return cached
 
-    async def _stored_manifest(self, image_key: str) -> Manifest | None:
-        """The cached manifest of an image, checked against the store."""
+    async def _stored_manifest(self, image_key: str) -> ImageManifests | None:
+        """The cached manifests of an image, checked against the store."""
         return await _recorded(self.manifest_cache.index, self._cached_manifest, image_key)
 
     def _asked_since(self, tag: str, moment: float) -> bool:
@@ -405,11 +430,27 @@ class Builder:
         self._key_seconds = time.perf_counter() - started
         return key
 
-    def _cached_manifest(self, image_key: str) -> Manifest | None:
-        """The cached manifest of an image, if it and all its blobs are stored."""
+    def _cached_manifest(self, image_key: str) -> ImageManifests | None:
+        """The cached manifests of an image, if they and all their blobs are stored.
+
+        A record from before OCI manifests, or one whose OCI manifest gc
+        removed, gets it again from the Docker one (the same blobs).
+        """
         with self.cas.lock.held():
-            digest = self.manifest_cache.get(image_key)
-            return None if digest is None else self._load_manifest(digest)
+            digests = self.manifest_cache.get(image_key)
+            docker = None if digests is None else self._load_manifest(digests[Format.DOCKER])
+            if digests is None or docker is None:
+                return None
+            oci_digest = digests.get(Format.OCI)
+            oci = None if oci_digest is None else self._load_manifest(oci_digest)
+            if oci is None:
+                data = convert_manifest(docker.data, Format.OCI)
+                if data is None:
+                    return None
+                oci = Manifest(data, self.cas.put_bytes(data), OCI_MANIFEST)
+                self.manifest_cache.put(image_key, {Format.DOCKER: docker.digest,
+                                                    Format.OCI: oci.digest})  # fmt: skip
+            return ImageManifests({Format.DOCKER: docker, Format.OCI: oci})
 
     def _locked_manifest(self, digest: str) -> Manifest | None:
         with self.cas.lock.held():
@@ -425,18 +466,22 @@ class Builder:
         data = self.cas.read_bytes(digest, MANIFEST_LIMIT)
         if data is None:
             return None
-        refs = manifest_refs(data)
-        if refs is None or any(self.cas.size(ref.digest) != ref.size for ref in refs):
+        fmt, refs = manifest_format(data), manifest_refs(data)
+        if fmt is None or refs is None or any(self.cas.size(r.digest) != r.size for r in refs):
             return None
         path = self.cas.path(digest)
         with contextlib.suppress(OSError):
             if time.time() - path.stat().st_mtime > TOUCH_INTERVAL:
                 os.utime(path)
-        return Manifest(data=data, digest=digest, media_type=DOCKER_MANIFEST)
+        return Manifest(data=data, digest=digest, media_type=fmt.manifest_type)
 
     async def _build_once(
-        self, flight_key: str, image: Image, image_key: str | None, flight: Flight[Manifest]
-    ) -> Manifest:
+        self,
+        flight_key: str,
+        image: Image,
+        image_key: str | None,
+        flight: Flight[ImageManifests],
+    ) -> ImageManifests:
         """Build the image, unless another process built it (or failed to)
         while we waited for its lock, or found no such packages a moment ago."""
         async with self._image_locks.hold(flight_key) as held:
@@ -447,8 +492,7 @@ class Builder:
             if image_key is not None:
                 cached = await self._stored_manifest(image_key)
                 if cached is not None:
-                    logs.info("manifest.cached", image=image.name, tag=image.tag,
-                              digest=cached.digest)  # fmt: skip
+                    logs.info("manifest.cached", image=image.name, tag=image.tag)
                     return cached
             try:
                 return await self._build_image(image, image_key, flight)
@@ -458,8 +502,8 @@ class Builder:
                 raise
 
     async def _build_image(
-        self, image: Image, image_key: str | None, flight: Flight[Manifest]
-    ) -> Manifest:
+        self, image: Image, image_key: str | None, flight: Flight[ImageManifests]
+    ) -> ImageManifests:
         with flight.droppable():
             slot = await self._slots.acquire(image.name)
         started = time.monotonic()
@@ -504,7 +548,7 @@ class Builder:
                 raise first_registry_error(group) from group
             written = time.monotonic()
             layer_blobs = [blob for blob in blobs if blob is not None]
-            manifest = await trio.to_thread.run_sync(self._record, image, layer_blobs, image_key)
+            manifests = await trio.to_thread.run_sync(self._record, image, layer_blobs, image_key)
         finally:
             os.close(lock)
         done = time.monotonic()
@@ -512,14 +556,14 @@ class Builder:
             "image.built",
             image=image.name,
             tag=image.tag,
-            digest=manifest.digest,
+            digests={fmt.name.lower(): m.digest for fmt, m in manifests.by_format.items()},
             layers=len(layer_blobs),
             nix_seconds=round(nix_done - started, 3),
             layering_seconds=round(layered - nix_done, 3),
             layer_seconds=round(written - layered, 3),
             rest_seconds=round(done - written, 3),
         )
-        return manifest
+        return manifests
 
     def _lock_and_look_up(self, keys: list[str]) -> tuple[int, list[LayerBlob | None]]:
         lock = self.cas.lock.acquire()
@@ -529,15 +573,26 @@ class Builder:
             os.close(lock)
             raise
 
-    def _record(self, image: Image, layers: list[LayerBlob], image_key: str | None) -> Manifest:
-        """Store config and manifest, and record the manifest for the image."""
+    def _record(
+        self, image: Image, layers: list[LayerBlob], image_key: str | None
+    ) -> ImageManifests:
+        """Store the config and a manifest per format, and record them for the image."""
         config = build_config(arch=image.arch, layers=layers, has_bash=image.has_bash)
         config_digest = sha256_digest(config)
-        data = build_manifest(config_digest=config_digest, config_size=len(config), layers=layers)
-        _, digest = self.cas.put_many([config, data])
+        documents = {
+            fmt: build_manifest(
+                config_digest=config_digest, config_size=len(config), layers=layers, fmt=fmt
+            )
+            for fmt in Format
+        }
+        _, *digests = self.cas.put_many([config, *documents.values()])
+        manifests = {
+            fmt: Manifest(data, digest, fmt.manifest_type)
+            for (fmt, data), digest in zip(documents.items(), digests, strict=True)
+        }
         if image_key is not None:
-            self.manifest_cache.put(image_key, digest)
-        return Manifest(data=data, digest=digest, media_type=DOCKER_MANIFEST)
+            self.manifest_cache.put(image_key, {fmt: m.digest for fmt, m in manifests.items()})
+        return ImageManifests(manifests)
 
     async def _write_layer(self, image: Image, key: str, entries: Entries) -> LayerBlob:
         async with self._layer_locks.hold(key):

@@ -32,7 +32,7 @@ import msgpack
 
 from .cas import CAS, recreating
 from .errors import StorageError
-from .manifest import LayerBlob
+from .manifest import Format, LayerBlob
 
 _CHECKSUM = 32
 
@@ -139,27 +139,38 @@ class LayerCache:
         )
 
 
+#: The keys of a manifest record, by format: ``digest`` (Docker's, the first
+#: there was) and ``oci``.
+MANIFEST_KEYS = {Format.DOCKER: "digest", Format.OCI: "oci"}
+
+
 class ManifestCache:
-    """Image key (source cache key, arch, packages) to its manifest digest."""
+    """Image key (source cache key, arch, packages) to its manifests' digests, by format.
+
+    A record written before OCI manifests existed names the Docker one only.
+    """
 
     def __init__(self, root: Path, cas: CAS) -> None:
         self.index = RecordIndex(root / "index" / "manifests", cas.tmp_dir)
         self.cas = cas
 
-    def get(self, image_key: str) -> str | None:
+    def get(self, image_key: str) -> dict[Format, str] | None:
+        """The stored manifests' digests, or ``None`` (the record is dropped) if any is gone."""
         record = self.index.get(image_key)
         if record is None:
             return None
-        digest = record.get("digest")
+        digests = {fmt: record.get(key) for fmt, key in MANIFEST_KEYS.items() if key in record}
         try:
-            present = isinstance(digest, str) and self.cas.size(digest) is not None
+            present = Format.DOCKER in digests and all(
+                isinstance(digest, str) and self.cas.size(digest) is not None
+                for digest in digests.values()
+            )
         except Exception:
             present = False
         if not present:
             self.index.delete(image_key)
             return None
-        assert isinstance(digest, str)
-        return digest
+        return {fmt: str(digest) for fmt, digest in digests.items()}
 
-    def put(self, image_key: str, digest: str) -> None:
-        self.index.put(image_key, {"digest": digest})
+    def put(self, image_key: str, digests: dict[Format, str]) -> None:
+        self.index.put(image_key, {MANIFEST_KEYS[fmt]: digest for fmt, digest in digests.items()})

@@ -31,11 +31,11 @@ from pathlib import Path
 
 from isal import isal_zlib
 
-from .cache import LayerCache, ManifestCache, RecordIndex
+from .cache import MANIFEST_KEYS, LayerCache, ManifestCache, RecordIndex
 from .cas import CAS
 from .digest import parse_digest
 from .errors import DigestInvalid
-from .manifest import manifest_refs
+from .manifest import Format, manifest_refs
 
 #: The shortest grace period ``nixery-trio gc`` accepts: a server serves a
 #: manifest from memory for a while after checking it (and refreshing its
@@ -176,16 +176,21 @@ def _manifest_problem(
 ) -> str | None:
     if record is None:
         return "torn, corrupt or misnamed record"
-    digest = record.get("digest")
-    if not isinstance(digest, str) or digest not in good:
-        return f"names manifest {digest} which is missing or corrupt"
-    data = store.cas.read_bytes(digest, _MANIFEST_LIMIT)
-    refs = None if data is None else manifest_refs(data)
-    if refs is None:
-        return f"blob {digest} is not a manifest"
-    for ref in refs:
-        if ref.digest not in good or store.cas.size(ref.digest) != ref.size:
-            return f"manifest {digest} names blob {ref.digest} which is missing or wrong"
+    if MANIFEST_KEYS[Format.DOCKER] not in record:
+        return "names no Docker manifest"
+    for key in MANIFEST_KEYS.values():
+        if key not in record:
+            continue  # a record from before OCI manifests: the server adds one
+        digest = record[key]
+        if not isinstance(digest, str) or digest not in good:
+            return f"names manifest {digest} which is missing or corrupt"
+        data = store.cas.read_bytes(digest, _MANIFEST_LIMIT)
+        refs = None if data is None else manifest_refs(data)
+        if refs is None:
+            return f"blob {digest} is not a manifest"
+        for ref in refs:
+            if ref.digest not in good or store.cas.size(ref.digest) != ref.size:
+                return f"manifest {digest} names blob {ref.digest} which is missing or wrong"
     return None
 
 
@@ -250,9 +255,11 @@ def _records_by_digest(store: _Store) -> dict[str, list[Path]]:
     index: RecordIndex
     for index in (store.layers.index, store.manifests.index):
         for path, record in index.scan():
-            digest = None if record is None else record.get("digest")
-            if isinstance(digest, str):
-                by_digest.setdefault(digest, []).append(path)
+            # A layer record's blob, or any manifest a manifest record names.
+            for key in ("digest", *MANIFEST_KEYS.values()):
+                digest = None if record is None else record.get(key)
+                if isinstance(digest, str) and path not in by_digest.get(digest, []):
+                    by_digest.setdefault(digest, []).append(path)
     return by_digest
 
 

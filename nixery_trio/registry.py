@@ -31,17 +31,19 @@ from quart_trio import QuartTrio
 
 from . import __version__, logs
 from .blobs import blob_response, send_blob
-from .builder import Builder, Manifest
+from .builder import Builder, ImageManifests, Manifest
 from .errors import (
     BadRequest,
     HeadersTooLarge,
     InternalError,
+    ManifestUnknown,
     NotFound,
     RegistryError,
     StorageError,
     Unsupported,
 )
 from .httpserver import ZEROCOPYSEND
+from .manifest import acceptable, negotiate
 from .routes import Kind, Route, parse_route
 from .sources import PathSource
 from .version import source_version
@@ -106,6 +108,7 @@ def manifest_headers(manifest: Manifest) -> list[tuple[str, str]]:
         ("Content-Length", str(len(manifest.data))),
         ("Docker-Content-Digest", manifest.digest),
         ("ETag", f'"{manifest.digest}"'),
+        ("Vary", "Accept"),
     ]
 
 
@@ -165,18 +168,24 @@ class FastLane:
             return True
         if route.kind is not Kind.MANIFEST:
             return False
+        found: ImageManifests | Manifest | None
         if route.by_digest:
-            manifest = self.builder.recent_by_digest(route.reference)
+            found = self.builder.recent_by_digest(route.reference)
         else:
-            manifest = self.builder.recent_manifest(route.name, route.reference)
-        if manifest is None:
+            found = self.builder.recent_manifest(route.name, route.reference)
+        if found is None:
             answer = await self._wait_for_manifest(route, scope, receive)
             if answer is None:
                 return True  # the client went away
             if isinstance(answer, RegistryError):
                 await self._send_error(answer, send)
                 return True
-            manifest = answer
+            found = answer
+        try:
+            manifest = negotiated(found, _header(scope, b"accept"))
+        except RegistryError as exc:
+            await self._send_error(exc, send)
+            return True
         headers = [(k.encode(), v.encode()) for k, v in manifest_headers(manifest)]
         await send({"type": "http.response.start", "status": 200,
                     "headers": headers + self._common})  # fmt: skip
@@ -195,9 +204,9 @@ class FastLane:
 
     async def _wait_for_manifest(
         self, route: Route, scope: Any, receive: Any
-    ) -> Manifest | RegistryError | None:
-        """The manifest or the error to answer; ``None`` if the client left first."""
-        answer: Manifest | RegistryError | None = None
+    ) -> ImageManifests | Manifest | RegistryError | None:
+        """The manifests or the error to answer; ``None`` if the client left first."""
+        answer: ImageManifests | Manifest | RegistryError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
             try:
@@ -232,10 +241,25 @@ async def _cancel_on_disconnect(receive: Any, scope: trio.CancelScope) -> None:
 
 
 def _header(scope: Any, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key.lower() == name:
-            return str(value.decode("latin-1"))
-    return None
+    """A request header, its lines joined with commas (clients send Accept in
+    one line or in several)."""
+    values = [value.decode("latin-1") for key, value in scope["headers"] if key.lower() == name]
+    return ", ".join(values) if values else None
+
+
+def negotiated(found: ImageManifests | Manifest, accept: str | None) -> Manifest:
+    """What to answer a manifest request with: for a tag, the format the
+    client prefers (``manifest.negotiate``); for a digest, the manifest as
+    stored, if the client takes its type."""
+    if isinstance(found, ImageManifests):
+        return found.pick(negotiate(accept))
+    if not acceptable(accept, found.media_type):
+        raise ManifestUnknown(
+            f"manifest {found.digest} is a {found.media_type}, which this request's "
+            "Accept header does not take",
+            {"mediaType": found.media_type},
+        )
+    return found
 
 
 def create_app(builder: Builder) -> FastLane:
@@ -284,11 +308,12 @@ def create_app(builder: Builder) -> FastLane:
         if route.kind is Kind.BLOB:
             range_header = request.headers.get("Range")
             return await blob_response(builder.cas, route.reference, head, range_header)
+        found: ImageManifests | Manifest
         if route.by_digest:
-            manifest = await builder.manifest_for_digest(route.reference)
+            found = await builder.manifest_for_digest(route.reference)
         else:
-            manifest = await builder.manifest_for_tag(route.name, route.reference)
-        return _manifest_response(manifest, head)
+            found = await builder.manifest_for_tag(route.name, route.reference)
+        return _manifest_response(negotiated(found, _header(request.scope, b"accept")), head)
 
     @app.route("/", methods=ALL_METHODS)
     @app.route("/<path:rest>", methods=ALL_METHODS)

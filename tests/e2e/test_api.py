@@ -127,6 +127,48 @@ def test_an_output_named_or_not_is_one_image(server: Server) -> None:
     assert plain.content == dotted.content
 
 
+OCI = "application/vnd.oci.image.manifest.v1+json"
+
+
+def test_a_tag_answers_in_the_format_the_client_prefers(server: Server) -> None:
+    path = "/v2/shell/hello/manifests/latest"
+    answers = {}
+    for accept in (None, "*/*", MANIFEST, OCI, f"{MANIFEST}, {OCI}", f"{OCI};q=0.2, {MANIFEST}"):
+        headers = {} if accept is None else {"Accept": accept}
+        response = get(server, path, headers=headers)
+        assert response.status_code == 200, response.text
+        digest = "sha256:" + hashlib.sha256(response.content).hexdigest()
+        assert response.headers["docker-content-digest"] == digest
+        assert response.headers["content-type"] == response.json()["mediaType"]
+        assert "Accept" in response.headers["vary"]
+        head = get(server, path, "HEAD", headers=headers)
+        assert head.headers["docker-content-digest"] == digest
+        answers[accept] = response
+    types = {accept: r.headers["content-type"] for accept, r in answers.items()}
+    assert types == {None: MANIFEST, "*/*": MANIFEST, MANIFEST: MANIFEST, OCI: OCI,
+                     f"{MANIFEST}, {OCI}": OCI, f"{OCI};q=0.2, {MANIFEST}": MANIFEST}  # fmt: skip
+    docker, oci = answers[MANIFEST].json(), answers[OCI].json()
+    assert oci["config"]["mediaType"] == "application/vnd.oci.image.config.v1+json"
+    assert {layer["mediaType"] for layer in oci["layers"]} == {
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    }
+    # The same config and layer blobs, in both formats.
+    assert oci["config"]["digest"] == docker["config"]["digest"]
+    assert [layer["digest"] for layer in oci["layers"]] == [
+        layer["digest"] for layer in docker["layers"]
+    ]
+    # Each is stored under its own digest, and served by it.
+    for response, media_type in ((answers[MANIFEST], MANIFEST), (answers[OCI], OCI)):
+        digest = response.headers["docker-content-digest"]
+        by_digest = get(server, f"/v2/shell/hello/manifests/{digest}")
+        assert by_digest.content == response.content
+        assert by_digest.headers["content-type"] == media_type
+    # By digest, a client that does not take the stored type is told so.
+    oci_digest = answers[OCI].headers["docker-content-digest"]
+    refused = get(server, f"/v2/shell/hello/manifests/{oci_digest}", headers={"Accept": MANIFEST})
+    assert_error(refused, 404, "MANIFEST_UNKNOWN")
+
+
 def test_tags_list(server: Server) -> None:
     assert get(server, "/v2/shell/hello/tags/list").json() == {
         "name": "shell/hello",

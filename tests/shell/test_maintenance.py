@@ -15,14 +15,19 @@ from nixery_trio.cache import LayerCache, ManifestCache
 from nixery_trio.cas import CAS
 from nixery_trio.image import Arch
 from nixery_trio.maintenance import fsck, gc, parse_size
-from nixery_trio.manifest import LayerBlob, build_config, build_manifest
+from nixery_trio.manifest import Format, LayerBlob, build_config, build_manifest
 
 
 @dataclass
 class Image:
     manifest: str
+    oci: str
     config: str
     layers: list[LayerBlob]
+
+    @property
+    def recorded(self) -> dict[Format, str]:
+        return {Format.DOCKER: self.manifest, Format.OCI: self.oci}
 
 
 class Store:
@@ -47,12 +52,17 @@ class Store:
     def image(self, key: str, layers: list[LayerBlob]) -> Image:
         config = build_config(arch=Arch.AMD64, layers=layers, has_bash=False)
         config_digest = self.cas.put_bytes(config)
-        manifest = build_manifest(
-            config_digest=config_digest, config_size=len(config), layers=layers
+        docker, oci = (
+            self.cas.put_bytes(
+                build_manifest(
+                    config_digest=config_digest, config_size=len(config), layers=layers, fmt=fmt
+                )
+            )
+            for fmt in (Format.DOCKER, Format.OCI)
         )
-        digest = self.cas.put_bytes(manifest)
-        self.manifests.put(key, digest)
-        return Image(digest, config_digest, layers)
+        image = Image(docker, oci, config_digest, layers)
+        self.manifests.put(key, image.recorded)
+        return image
 
     def age(self, digest: str, seconds_ago: float) -> None:
         when = 1_000_000 - seconds_ago
@@ -104,7 +114,7 @@ def test_fsck_finds_and_repairs_every_kind_of_damage(store: Store) -> None:
     assert not own_path.exists() and not stale.exists()
     assert fsck(store.root) == []
     assert store.manifests.get("img") is None
-    assert store.manifests.get("other") == other.manifest
+    assert store.manifests.get("other") == other.recorded
     assert image.manifest  # the blob stays; only its record was untrustworthy
 
 
@@ -119,23 +129,23 @@ def test_gc_removes_least_recently_used_images_first(store: Store) -> None:
     shared = store.layer("shared", 20_000)
     old = store.image("old", [shared, store.layer("old", 20_000)])
     new = store.image("new", [shared, store.layer("new", 20_000)])
-    for digest in (old.manifest, old.config, *(layer.digest for layer in old.layers)):
+    for digest in (old.manifest, old.oci, old.config, *(layer.digest for layer in old.layers)):
         store.age(digest, 7200)
-    for digest in (new.manifest, new.config, new.layers[1].digest):
+    for digest in (new.manifest, new.oci, new.config, new.layers[1].digest):
         store.age(digest, 3600)
     total = sum(f.stat().st_size for f in store.cas.blob_dir.iterdir())
-    old_only = [old.manifest, old.config, old.layers[1].digest]
+    old_only = [old.manifest, old.oci, old.config, old.layers[1].digest]
     limit = total - sum(store.cas.path(d).stat().st_size for d in old_only)
 
     report = gc(store.root, limit, grace=60, now=1_000_000)
     removed = set(report.removed)
     assert removed == set(old_only)
-    # The old image goes (manifest first), but not the layer the newer one shares.
-    assert report.removed[0] == old.manifest
+    # The old image goes (manifests first), but not the layer the newer one shares.
+    assert set(report.removed[:2]) == {old.manifest, old.oci}
     assert old.layers[1].digest in removed
     assert shared.digest not in removed
     assert store.manifests.get("old") is None and store.layers.get("old") is None
-    assert store.manifests.get("new") == new.manifest
+    assert store.manifests.get("new") == new.recorded
     assert fsck(store.root) == []
     assert report.size_after == limit
 
@@ -144,8 +154,8 @@ def test_gc_keeps_what_was_used_within_the_grace_period(store: Store) -> None:
     image = store.image("img", [store.layer("a", 10_000)])
     report = gc(store.root, 0, grace=3600)
     assert report.removed == []
-    assert report.kept_recent == 3
-    assert store.manifests.get("img") == image.manifest
+    assert report.kept_recent == 4
+    assert store.manifests.get("img") == image.recorded
 
 
 def test_gc_below_the_limit_does_nothing(store: Store) -> None:

@@ -24,7 +24,7 @@ from nixery_trio.cache import LayerCache, ManifestCache, RecordIndex
 from nixery_trio.cas import CAS
 from nixery_trio.config import make_config
 from nixery_trio.errors import ConfigError, StorageError
-from nixery_trio.manifest import LayerBlob
+from nixery_trio.manifest import Format, LayerBlob
 
 
 @pytest.fixture
@@ -203,9 +203,9 @@ def test_caches_never_point_at_missing_blobs(tmp_path: Path, cas: CAS) -> None:
     digest = cas.put_bytes(b"layer")
     blob = LayerBlob(digest=digest, diff_id=digest, size=5)
     layers.put("key", blob)
-    manifests.put("image", digest)
+    manifests.put("image", {Format.DOCKER: digest})
     assert layers.get("key") == blob
-    assert manifests.get("image") == digest
+    assert manifests.get("image") == {Format.DOCKER: digest}
     layers.put("wrong-size", LayerBlob(digest=digest, diff_id=digest, size=6))
     assert layers.get("wrong-size") is None
     cas.path(digest).unlink()

@@ -15,10 +15,19 @@ from nixery_trio.manifest import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
     DOCKER_MANIFEST,
+    OCI_CONFIG,
+    OCI_LAYER_GZIP,
+    OCI_MANIFEST,
+    Format,
     LayerBlob,
+    acceptable,
     build_config,
     build_manifest,
     canonical_json,
+    convert_manifest,
+    manifest_format,
+    manifest_refs,
+    negotiate,
 )
 
 LAYERS = (
@@ -165,3 +174,66 @@ def test_negative_sizes_are_rejected() -> None:
 def test_manifest_rejects_bad_config_digest() -> None:
     with pytest.raises(DigestInvalid):
         build_manifest(config_digest="sha256:nope", config_size=1, layers=LAYERS)
+
+
+def test_the_oci_manifest_names_the_same_blobs_with_oci_types() -> None:
+    config = build_config(arch=Arch.AMD64, layers=LAYERS, has_bash=False)
+    kwargs = {"config_digest": sha256_digest(config), "config_size": len(config), "layers": LAYERS}
+    docker = build_manifest(**kwargs)  # type: ignore[arg-type]
+    oci = build_manifest(**kwargs, fmt=Format.OCI)  # type: ignore[arg-type]
+    assert json.loads(oci) == {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "size": len(config), "digest": kwargs["config_digest"]},
+        "layers": [
+            {"mediaType": OCI_LAYER_GZIP, "size": layer.size, "digest": layer.digest}
+            for layer in LAYERS
+        ],
+    }
+    assert manifest_refs(oci) == manifest_refs(docker) is not None
+    assert (manifest_format(oci), manifest_format(docker)) == (Format.OCI, Format.DOCKER)
+    assert convert_manifest(docker, Format.OCI) == oci
+    assert convert_manifest(oci, Format.DOCKER) == docker
+    assert convert_manifest(b'{"mediaType": "text/plain"}', Format.OCI) is None
+
+
+DOCKER_AND_OCI = f"{DOCKER_MANIFEST}, {OCI_MANIFEST}"
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        (None, Format.DOCKER),  # no Accept: Docker's, as distribution's clients expect
+        ("", Format.DOCKER),
+        ("*/*", Format.DOCKER),
+        ("application/*", Format.DOCKER),
+        (DOCKER_MANIFEST, Format.DOCKER),
+        (OCI_MANIFEST, Format.OCI),
+        (DOCKER_AND_OCI, Format.OCI),  # both, in either order: OCI
+        (f"{OCI_MANIFEST}, {DOCKER_MANIFEST}", Format.OCI),
+        (f"{DOCKER_MANIFEST}, {OCI_MANIFEST};q=0.5", Format.DOCKER),  # weights decide
+        (f"{DOCKER_MANIFEST};q=0.4, {OCI_MANIFEST};q=0.5", Format.OCI),
+        (f"{OCI_MANIFEST};q=0", Format.DOCKER),
+        (f"{OCI_MANIFEST};q=0.3, */*", Format.DOCKER),
+        (f"{OCI_MANIFEST.upper()} ; q=1.0", Format.OCI),
+        (f"{OCI_MANIFEST};q=nonsense, {DOCKER_MANIFEST}", Format.DOCKER),
+        # What the clients send: containerd, containers/image (podman, skopeo), Docker.
+        (f"{DOCKER_MANIFEST}, application/vnd.docker.distribution.manifest.list.v2+json, "
+         f"{OCI_MANIFEST}, application/vnd.oci.image.index.v1+json, */*", Format.OCI),
+    ],
+)  # fmt: skip
+def test_negotiation(accept: str | None, expected: Format) -> None:
+    assert negotiate(accept) is expected
+
+
+def test_acceptable_by_name_or_wildcard() -> None:
+    assert acceptable(None, OCI_MANIFEST) and acceptable("*/*", OCI_MANIFEST)
+    assert acceptable(DOCKER_AND_OCI, OCI_MANIFEST)
+    assert not acceptable(DOCKER_MANIFEST, OCI_MANIFEST)
+    assert not acceptable(f"{OCI_MANIFEST};q=0, {DOCKER_MANIFEST}", OCI_MANIFEST)
+    assert acceptable("application/*;q=0.1", DOCKER_MANIFEST)
+
+
+@given(st.text(max_size=200))
+def test_negotiation_takes_any_header(accept: str) -> None:
+    assert negotiate(accept) in Format
