@@ -52,8 +52,7 @@ def recreating(directory: Path, action: Callable[[], T]) -> T:
     try:
         return action()
     except FileNotFoundError:
-        if directory.is_dir():
-            raise
+        # Another process may have created it meanwhile: try again either way.
         directory.mkdir(parents=True, exist_ok=True)
         return action()
 
