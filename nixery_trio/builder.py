@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from collections import OrderedDict
@@ -60,7 +61,7 @@ from .manifest import (
     manifest_format,
     manifest_refs,
 )
-from .sources import PathSource
+from .sources import COMMIT, LATEST, GitSource, PathSource
 
 T = TypeVar("T")
 V = TypeVar("V")
@@ -74,6 +75,11 @@ TOUCH_INTERVAL = 60
 #: Seconds a checked manifest is served from memory, and how many are kept.
 RECENT_SECONDS = 30
 RECENT_ENTRIES = 1024
+#: Seconds a git source's branches and tags, and the catalog, are reused;
+#: and how soon a tag not among them makes the repository be asked again.
+TAGS_SECONDS = 30.0
+CATALOG_SECONDS = 10.0
+TAGS_RETRY_SECONDS = 2.0
 #: Seconds a source's cache key is reused before it is asked again.
 SOURCE_KEY_SECONDS = 1.0
 #: A source whose last key took less than this is asked on the event loop:
@@ -272,6 +278,9 @@ class Builder:
         #: How long the source took to answer last (see INLINE_KEY_SECONDS).
         self._key_seconds = float("inf")
         self._refreshing_keys: set[str] = set()
+        #: The source's tags and the store's repository names, and when they were read.
+        self._tags: tuple[list[str], float] | None = None
+        self._catalog: tuple[list[str], float] | None = None
 
     def open(self, clean: bool = True) -> int | None:
         """Create the store's layout and, if ``clean``, serve it and clear crash
@@ -306,6 +315,8 @@ class Builder:
         memo = self._source_keys.get(tag)
         if memo is None or trio.current_time() - memo[1] >= SOURCE_KEY_SECONDS:
             return None
+        if self._tag_served(tag) is not True:
+            return None
         image_key = self._image_key(image, memo[0])
         manifests = None if image_key is None else self._recent_images.get(image_key)
         if manifests is not None:
@@ -315,9 +326,10 @@ class Builder:
     async def manifest_for_tag(self, name: str, tag: str) -> ImageManifests:
         """The manifests of ``name:tag``, building the image when needed."""
         image = self.parse(name, tag)
+        await self._check_tag(name, tag)
         asked_at = trio.current_time()
         image_key = self._image_key(image, await self._source_key(tag))
-        cached = await self._cached(image_key)
+        cached = await self._cached(image_key, image.name)
         if cached is None and image_key is not None and not self._asked_since(tag, asked_at):
             # A miss builds and records under the key: it must be current,
             # not one remembered from before an edit of the package set
@@ -325,7 +337,7 @@ class Builder:
             current = self._image_key(image, await self._source_key(tag, fresh=True))
             if current != image_key:
                 image_key = current
-                cached = await self._cached(image_key)
+                cached = await self._cached(image_key, image.name)
         if cached is not None:
             logs.info("manifest.cached", image=name, tag=tag)
             return cached
@@ -355,6 +367,57 @@ class Builder:
                 self._misses.clear()
             self._misses[flight_key] = (error, trio.current_time())
 
+    def _tag_served(self, tag: str) -> bool | None:
+        """Whether this registry serves ``tag``; ``None``: the git repository's refs tell."""
+        if self.config.any_tag or tag == LATEST:
+            return True
+        if not isinstance(self.config.source, GitSource):
+            return False
+        return True if COMMIT.fullmatch(tag) else None
+
+    async def _check_tag(self, name: str, tag: str) -> None:
+        """Raise ``MANIFEST_UNKNOWN`` for a tag this registry does not serve."""
+        served = self._tag_served(tag)
+        if served is None:
+            tags = await self.tags(missing=tag)
+            served = tags is None or tag in tags
+        if not served:
+            tags = await self.tags() or [LATEST]
+            raise ManifestUnknown(
+                f"{name}:{tag} is not served: this registry serves "
+                f"{', '.join(tags[:20])}{' and more' if len(tags) > 20 else ''} "
+                f"(see /v2/{name}/tags/list)",
+                {"tag": tag, "tags": tags[:100]},
+            )
+
+    async def tags(self, missing: str | None = None) -> list[str] | None:
+        """The tags every image is served with; ``None`` if the source cannot tell now.
+
+        A git repository's branches and tags are listed at most every
+        :data:`TAGS_SECONDS`, or every :data:`TAGS_RETRY_SECONDS` while a
+        tag asked for (``missing``) is not among them (it may be new).
+        """
+        now = trio.current_time()
+        listed = self._tags
+        age = math.inf if listed is None else now - listed[1]
+        absent = listed is not None and missing is not None and missing not in listed[0]
+        if age >= (TAGS_RETRY_SECONDS if absent else TAGS_SECONDS):
+            fresh = await trio.to_thread.run_sync(self.config.source.tags)
+            if fresh is None:
+                logs.warning("source.tags_unknown", source=self.config.source.src_type)
+                return None if listed is None else listed[0]
+            self._tags = listed = (fresh, now)
+        return None if listed is None else listed[0]
+
+    async def catalog(self) -> list[str]:
+        """The repository names of the images in the store, read at most every
+        :data:`CATALOG_SECONDS` (on a worker thread: it reads every record)."""
+        now = trio.current_time()
+        if self._catalog is None or now - self._catalog[1] >= CATALOG_SECONDS:
+            names = await trio.to_thread.run_sync(self.manifest_cache.names)
+            self._catalog = (sorted(names), now)
+        return self._catalog[0]
+
     def recent_by_digest(self, digest: str) -> Manifest | None:
         """The manifest ``digest`` if memory alone can answer, else ``None`` (never blocks)."""
         return self._recent_digests.get(digest)
@@ -375,19 +438,20 @@ class Builder:
             return None
         return json.dumps([source_key, image.arch.nix_system, list(image.packages)])
 
-    async def _cached(self, image_key: str | None) -> ImageManifests | None:
+    async def _cached(self, image_key: str | None, name: str) -> ImageManifests | None:
         if image_key is None:
             return None
         cached = self._recent_images.get(image_key)
         if cached is None:
-            cached = await self._stored_manifest(image_key)
+            cached = await self._stored_manifest(image_key, name)
             if cached is not None:
                 self._recent_images.put(image_key, cached)
         return cached
 
-    async def _stored_manifest(self, image_key: str) -> ImageManifests | None:
+    async def _stored_manifest(self, image_key: str, name: str) -> ImageManifests | None:
         """The cached manifests of an image, checked against the store."""
-        return await _recorded(self.manifest_cache.index, self._cached_manifest, image_key)
+        look_up = partial(self._cached_manifest, name=name)
+        return await _recorded(self.manifest_cache.index, look_up, image_key)
 
     def _asked_since(self, tag: str, moment: float) -> bool:
         """Whether the source's key for ``tag`` was asked at or after ``moment``."""
@@ -430,7 +494,7 @@ class Builder:
         self._key_seconds = time.perf_counter() - started
         return key
 
-    def _cached_manifest(self, image_key: str) -> ImageManifests | None:
+    def _cached_manifest(self, image_key: str, name: str) -> ImageManifests | None:
         """The cached manifests of an image, if they and all their blobs are stored.
 
         A record from before OCI manifests, or one whose OCI manifest gc
@@ -448,8 +512,8 @@ class Builder:
                 if data is None:
                     return None
                 oci = Manifest(data, self.cas.put_bytes(data), OCI_MANIFEST)
-                self.manifest_cache.put(image_key, {Format.DOCKER: docker.digest,
-                                                    Format.OCI: oci.digest})  # fmt: skip
+                digests = {Format.DOCKER: docker.digest, Format.OCI: oci.digest}
+                self.manifest_cache.put(image_key, digests, name)
             return ImageManifests({Format.DOCKER: docker, Format.OCI: oci})
 
     def _locked_manifest(self, digest: str) -> Manifest | None:
@@ -490,7 +554,7 @@ class Builder:
                 self._remember(flight_key, failure)
                 raise failure
             if image_key is not None:
-                cached = await self._stored_manifest(image_key)
+                cached = await self._stored_manifest(image_key, image.name)
                 if cached is not None:
                     logs.info("manifest.cached", image=image.name, tag=image.tag)
                     return cached
@@ -585,13 +649,13 @@ class Builder:
             )
             for fmt in Format
         }
-        _, *digests = self.cas.put_many([config, *documents.values()])
-        manifests = {
-            fmt: Manifest(data, digest, fmt.manifest_type)
-            for (fmt, data), digest in zip(documents.items(), digests, strict=True)
-        }
+        _, *stored = self.cas.put_many([config, *documents.values()])
+        digests = dict(zip(documents, stored, strict=True))
         if image_key is not None:
-            self.manifest_cache.put(image_key, {fmt: m.digest for fmt, m in manifests.items()})
+            self.manifest_cache.put(image_key, digests, image.name)
+        manifests = {
+            fmt: Manifest(data, digests[fmt], fmt.manifest_type) for fmt, data in documents.items()
+        }
         return ImageManifests(manifests)
 
     async def _write_layer(self, image: Image, key: str, entries: Entries) -> LayerBlob:

@@ -172,5 +172,15 @@ class ManifestCache:
             return None
         return {fmt: str(digest) for fmt, digest in digests.items()}
 
-    def put(self, image_key: str, digests: dict[Format, str]) -> None:
-        self.index.put(image_key, {MANIFEST_KEYS[fmt]: digest for fmt, digest in digests.items()})
+    def put(self, image_key: str, digests: dict[Format, str], name: str | None = None) -> None:
+        """Record an image's manifests, and the repository name it was built as."""
+        record = {MANIFEST_KEYS[fmt]: digest for fmt, digest in digests.items()}
+        self.index.put(image_key, record if name is None else {**record, "name": name})
+
+    def names(self) -> set[str]:
+        """The repository names of the recorded images (blocking: reads every record)."""
+        return {
+            record["name"]
+            for _, record in self.index.scan()
+            if record is not None and isinstance(record.get("name"), str)
+        }

@@ -46,6 +46,8 @@ class Config:
     drain_timeout: float = 30.0
     max_builds: int = 2
     not_found_ttl: float = 60.0
+    any_tag: bool = False
+    oci: bool = True
 
     @property
     def deflate(self) -> Deflate:
@@ -153,6 +155,20 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds a failed package lookup (MANIFEST_UNKNOWN) is answered from memory, "
         "per package source, before Nix is asked again.",
         "60",
+    ),
+    Setting(
+        "--any-tag",
+        "NIXERY_ANY_TAG",
+        "Serve every tag of a channel or path source as latest, as Nixery did (1); by "
+        "default only latest is served (0).",
+        "0",
+    ),
+    Setting(
+        "--oci",
+        "NIXERY_OCI",
+        "Answer a tag with an OCI manifest when the client prefers it (1), or always with "
+        "Docker's schema 2, as Nixery did (0).",
+        "1",
     ),
 )
 
@@ -265,4 +281,6 @@ def make_config(raw: dict[str, str | None]) -> Config:
         max_builds=_int("NIXERY_MAX_BUILDS", raw.get("max_builds") or "0", 0, 1000)
         or max(2, os.cpu_count() or 1),
         not_found_ttl=_seconds("NIXERY_NOT_FOUND_TTL", raw.get("not_found_ttl"), "60"),
+        any_tag=bool(_int("NIXERY_ANY_TAG", raw.get("any_tag") or "0", 0, 1)),
+        oci=bool(_int("NIXERY_OCI", raw.get("oci") or "1", 0, 1)),
     )

@@ -90,13 +90,6 @@ class NameInvalid(RegistryError):
     status = 400
 
 
-class TagInvalid(RegistryError):
-    """The manifest reference is neither a valid tag nor a valid digest."""
-
-    code = "TAG_INVALID"
-    status = 400
-
-
 class DigestInvalid(RegistryError):
     """A digest is malformed or uses an algorithm we do not serve."""
 
@@ -109,6 +102,17 @@ class ManifestUnknown(RegistryError):
 
     code = "MANIFEST_UNKNOWN"
     status = 404
+
+
+class TagInvalid(ManifestUnknown):
+    """The reference is no valid tag, so no manifest has it (404, as any unknown tag)."""
+
+
+class PaginationInvalid(RegistryError):
+    """A list's ``n`` is not a whole number from 0 up."""
+
+    code = "PAGINATION_NUMBER_INVALID"
+    status = 400
 
 
 class BlobUnknown(RegistryError):

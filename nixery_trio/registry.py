@@ -3,10 +3,12 @@
 Routes (everything under ``/v2/``)::
 
     GET  /v2/                              API version check
-    GET|HEAD /v2/<name>/manifests/<tag>    build if needed, then serve
+    GET|HEAD /v2/_catalog                  the repositories built into the store, by pages
+    GET|HEAD /v2/<name>/manifests/<tag>    build if needed, then serve (OCI or Docker)
     GET|HEAD /v2/<name>/manifests/<digest> a stored manifest
     GET|HEAD /v2/<name>/blobs/<digest>     config and layers, with Range
-    GET|HEAD /v2/<name>/tags/list          ["latest"]: any name builds on demand
+    GET|HEAD /v2/<name>/tags/list          the source's tags (any name builds), by pages
+    GET|HEAD /v2/<name>/referrers/<digest> an empty OCI index: nothing refers to anything
 
 Quart's URL routing only splits off ``/v2/``; the rest is parsed here,
 because a repository name may hold any number of slashes and every bad
@@ -24,6 +26,7 @@ from __future__ import annotations
 import errno
 import json
 from typing import Any
+from urllib.parse import urlencode
 
 import trio
 from quart import Response, request
@@ -43,9 +46,9 @@ from .errors import (
     Unsupported,
 )
 from .httpserver import ZEROCOPYSEND
-from .manifest import acceptable, negotiate
-from .routes import Kind, Route, parse_route
-from .sources import PathSource
+from .manifest import OCI_INDEX, Format, acceptable, negotiate
+from .routes import Kind, Route, page, parse_route
+from .sources import LATEST, PathSource
 from .version import source_version
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
@@ -182,7 +185,7 @@ class FastLane:
                 return True
             found = answer
         try:
-            manifest = negotiated(found, _header(scope, b"accept"))
+            manifest = negotiated(found, _header(scope, b"accept"), self.builder.config.oci)
         except RegistryError as exc:
             await self._send_error(exc, send)
             return True
@@ -247,12 +250,12 @@ def _header(scope: Any, name: bytes) -> str | None:
     return ", ".join(values) if values else None
 
 
-def negotiated(found: ImageManifests | Manifest, accept: str | None) -> Manifest:
+def negotiated(found: ImageManifests | Manifest, accept: str | None, oci: bool) -> Manifest:
     """What to answer a manifest request with: for a tag, the format the
-    client prefers (``manifest.negotiate``); for a digest, the manifest as
-    stored, if the client takes its type."""
+    client prefers (``manifest.negotiate``), or Docker's without ``oci``; for
+    a digest, the manifest as stored, if the client takes its type."""
     if isinstance(found, ImageManifests):
-        return found.pick(negotiate(accept))
+        return found.pick(negotiate(accept) if oci else Format.DOCKER)
     if not acceptable(accept, found.media_type):
         raise ManifestUnknown(
             f"manifest {found.digest} is a {found.media_type}, which this request's "
@@ -304,7 +307,12 @@ def create_app(builder: Builder) -> FastLane:
         if route.kind is Kind.BASE:
             return Response(b"{}", status=200, content_type="application/json")
         if route.kind is Kind.TAGS:
-            return _tags(route.name)
+            tags = await builder.tags() or [LATEST]
+            return _listing({"name": route.name}, "tags", tags, f"/v2/{route.name}/tags/list")
+        if route.kind is Kind.CATALOG:
+            return _listing({}, "repositories", await builder.catalog(), "/v2/_catalog")
+        if route.kind is Kind.REFERRERS:
+            return _referrers(request.args.get("artifactType"))
         if route.kind is Kind.BLOB:
             range_header = request.headers.get("Range")
             return await blob_response(builder.cas, route.reference, head, range_header)
@@ -313,7 +321,8 @@ def create_app(builder: Builder) -> FastLane:
             found = await builder.manifest_for_digest(route.reference)
         else:
             found = await builder.manifest_for_tag(route.name, route.reference)
-        return _manifest_response(negotiated(found, _header(request.scope, b"accept")), head)
+        accept = _header(request.scope, b"accept")
+        return _manifest_response(negotiated(found, accept, builder.config.oci), head)
 
     @app.route("/", methods=ALL_METHODS)
     @app.route("/<path:rest>", methods=ALL_METHODS)
@@ -343,7 +352,25 @@ def _http_error(status: int, exc: Exception) -> RegistryError:
     return BadRequest(f"bad request: {exc}")
 
 
-def _tags(name: str) -> Response:
-    """Every name can be built as ``latest``; other tags depend on the source."""
-    body = json.dumps({"name": name, "tags": ["latest"]}).encode()
-    return Response(body, status=200, content_type="application/json")
+def _listing(document: dict[str, Any], key: str, entries: list[str], path: str) -> Response:
+    """A page of ``entries`` under ``key``, after the request's ``last``, at most its
+    ``n``, with a ``Link`` to the next page when there is one (the distribution spec's)."""
+    chosen = page(entries, request.args.get("n"), request.args.get("last"))
+    body = json.dumps({**document, key: chosen.entries}).encode()
+    response = Response(body, status=200, content_type="application/json")
+    if chosen.next_last is not None:
+        query = urlencode({"n": chosen.n, "last": chosen.next_last})
+        response.headers["Link"] = f'<{path}?{query}>; rel="next"'
+    return response
+
+
+def _referrers(artifact_type: str | None) -> Response:
+    """No manifest here refers to another (no signatures, no SBOMs): an empty index.
+
+    A filter by ``artifactType`` is applied, to nothing, and says so.
+    """
+    body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
+    response = Response(body, status=200, content_type=OCI_INDEX)
+    if artifact_type is not None:
+        response.headers["OCI-Filters-Applied"] = "artifactType"
+    return response

@@ -3,18 +3,21 @@
 Everything after ``/v2/`` is one of::
 
     ""                            the API version check
+    _catalog                      the repositories in the store
     <name>/tags/list              tags of a repository
     <name>/manifests/<reference>  a manifest by tag or digest
     <name>/blobs/<digest>         a blob
+    <name>/referrers/<digest>     the manifests that refer to a digest
 
 A repository name may hold slashes (its components are package names), so
-the *last* ``/manifests/`` or ``/blobs/`` splits name from reference.  The
-name and reference are validated here, so the HTTP layer only dispatches:
-a bad name is ``NAME_INVALID``, a bad digest ``DIGEST_INVALID`` (including
-references holding ``/`` or ``..``), a bad tag ``TAG_INVALID``, anything else
-``NOT_FOUND``.  Percent-encoded separators (``%2F``, ``%5C``) and NUL are
-refused outright: a decoded path must never differ in structure from what
-the client sent.
+the *last* ``/manifests/``, ``/blobs/`` or ``/referrers/`` splits name from
+reference.  The name and reference are validated here, so the HTTP layer
+only dispatches: a bad name is ``NAME_INVALID``, a bad digest
+``DIGEST_INVALID`` (including references holding ``/`` or ``..``), a bad tag
+``MANIFEST_UNKNOWN`` (no manifest has it), anything else ``NOT_FOUND``.
+Percent-encoded separators (``%2F``, ``%5C``) and NUL are refused outright:
+a decoded path must never differ in structure from what the client sent.
+Lists (tags, the catalog) come in pages: :func:`page`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .digest import parse_digest
-from .errors import DigestInvalid, NameInvalid, NotFound, TagInvalid
+from .errors import DigestInvalid, NameInvalid, NotFound, PaginationInvalid, TagInvalid
 from .image import validate_name
 
 _ENCODED_SEPARATOR = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
@@ -34,9 +37,11 @@ _MAX_PATH = 4096
 
 class Kind(Enum):
     BASE = "base"
+    CATALOG = "catalog"
     TAGS = "tags"
     MANIFEST = "manifest"
     BLOB = "blob"
+    REFERRERS = "referrers"
 
 
 @dataclass(frozen=True)
@@ -62,9 +67,11 @@ def parse_route(rest: str, raw_path: str = "") -> Route:
         raise NameInvalid(f"the path is {len(rest)} characters long, at most {_MAX_PATH}")
     if rest == "":
         return Route(Kind.BASE)
+    if rest == "_catalog":
+        return Route(Kind.CATALOG)
     if rest.endswith("/tags/list"):
         return Route(Kind.TAGS, validate_name(rest.removesuffix("/tags/list")))
-    split = max(rest.rfind("/manifests/"), rest.rfind("/blobs/"))
+    split = max(rest.rfind("/manifests/"), rest.rfind("/blobs/"), rest.rfind("/referrers/"))
     if split <= 0:
         raise NotFound(f"/v2/{rest[:200]} is not an endpoint of this registry")
     name = rest[:split]
@@ -72,6 +79,8 @@ def parse_route(rest: str, raw_path: str = "") -> Route:
     validate_name(name)
     if kind_text == "blobs":
         return Route(Kind.BLOB, name, parse_digest(_single(reference)))
+    if kind_text == "referrers":
+        return Route(Kind.REFERRERS, name, parse_digest(_single(reference)), by_digest=True)
     if ":" in reference or "/" in reference:
         return Route(Kind.MANIFEST, name, parse_digest(_single(reference)), by_digest=True)
     if _TAG.fullmatch(reference) is None:
@@ -81,6 +90,34 @@ def parse_route(rest: str, raw_path: str = "") -> Route:
             {"tag": reference[:200]},
         )
     return Route(Kind.MANIFEST, name, reference)
+
+
+#: The most entries of a list one response holds, whatever ``n`` asks.
+MAX_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a sorted list; ``next_last`` is where the next one starts, if any."""
+
+    entries: list[str]
+    next_last: str | None
+    n: int
+
+
+def page(entries: list[str], n: str | None, last: str | None) -> Page:
+    """The entries (sorted) after ``last``, at most ``n`` of them (all, up to
+    :data:`MAX_PAGE`, without ``n``), as the distribution spec's ``n`` and ``last``."""
+    if n is None:
+        count = MAX_PAGE
+    else:
+        if not n.isdigit():
+            raise PaginationInvalid(f"n must be a whole number from 0 up, got {n[:50]!r}")
+        count = min(int(n), MAX_PAGE)
+    after = sorted(entry for entry in entries if last is None or entry > last)
+    chosen = after[:count]
+    more = len(after) > count and count > 0
+    return Page(chosen, chosen[-1] if more else None, count)
 
 
 def _single(reference: str) -> str:

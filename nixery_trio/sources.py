@@ -11,6 +11,11 @@ result of a build is immutable enough to cache (``cache_key``, or ``None``).
   else is a branch or tag name (mutable, never cached).
 - A local **path** is keyed by a blake3 hash over its files (beyond Nixery,
   which never caches path builds), so builds are cached until a file changes.
+
+A channel and a path serve one tag, ``latest``; a git repository serves
+``latest``, its commits, and its branches and tags that are valid image tags
+(``tags``).  Nixery built any tag of a channel or path as ``latest``;
+``NIXERY_ANY_TAG`` restores that.
   Hashing skips files whose size, mtime and inode did not change since the
   last look (unless changed in the last two seconds), so a re-check of a
   large tree is one ``stat`` per file.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,7 +35,12 @@ from typing import Any, Protocol
 
 import blake3
 
-_COMMIT = re.compile(r"[0-9a-f]{40}")
+COMMIT = re.compile(r"[0-9a-f]{40}")
+_TAG = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
+#: The tag every source serves.
+LATEST = "latest"
+#: Seconds a git repository may take to list its refs.
+GIT_TIMEOUT = 30
 _RACY_NS = 2_000_000_000
 
 
@@ -56,6 +67,13 @@ class Source(Protocol):
         """A short human description for logs."""
         ...
 
+    def tags(self) -> list[str] | None:
+        """The image tags this source serves, or ``None`` if it cannot tell now.
+
+        Blocking (a git source asks its repository): call it from a worker thread.
+        """
+        ...
+
 
 @dataclass(frozen=True)
 class ChannelSource:
@@ -73,6 +91,9 @@ class ChannelSource:
     def describe(self) -> str:
         return f"nixpkgs channel {self.name}"
 
+    def tags(self) -> list[str] | None:
+        return [LATEST]
+
 
 @dataclass(frozen=True)
 class GitSource:
@@ -82,19 +103,37 @@ class GitSource:
     src_type: str = "git"
 
     def render(self, tag: str) -> dict[str, Any]:
-        if _COMMIT.fullmatch(tag):
+        if COMMIT.fullmatch(tag):
             return {"url": self.url, "ref": None, "rev": tag}
         if tag == "latest":
             return {"url": self.url, "ref": None, "rev": None}
         return {"url": self.url, "ref": tag, "rev": None}
 
     def cache_key(self, tag: str) -> str | None:
-        if _COMMIT.fullmatch(tag):
+        if COMMIT.fullmatch(tag):
             return f"git:{self.url}@{tag}"
         return None
 
     def describe(self) -> str:
         return f"git repository {self.url}"
+
+    def tags(self) -> list[str] | None:
+        """``latest`` and the repository's branches and tags that are valid image tags."""
+        try:
+            listed = subprocess.run(
+                ["git", "ls-remote", "--heads", "--tags", "--", self.url],
+                capture_output=True, text=True, timeout=GIT_TIMEOUT, check=True,
+                env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+            ).stdout  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return None
+        refs = set()
+        for line in listed.splitlines():
+            _, _, ref = line.partition("\t")
+            name = ref.removeprefix("refs/heads/").removeprefix("refs/tags/")
+            if name != ref and not name.endswith("^{}") and _TAG.fullmatch(name):
+                refs.add(name)
+        return sorted(refs | {LATEST})
 
 
 @dataclass
@@ -115,6 +154,9 @@ class PathSource:
 
     def describe(self) -> str:
         return f"local package set {self.path}"
+
+    def tags(self) -> list[str] | None:
+        return [LATEST]
 
     def _tree_hash(self) -> str:
         tree = blake3.blake3()

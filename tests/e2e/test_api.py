@@ -169,6 +169,74 @@ def test_a_tag_answers_in_the_format_the_client_prefers(server: Server) -> None:
     assert_error(refused, 404, "MANIFEST_UNKNOWN")
 
 
+def test_a_path_source_serves_latest_only(server: Server) -> None:
+    latest = get(server, "/v2/hello/manifests/latest")
+    assert latest.status_code == 200
+    for tag in ("anytypo", "v1", "0" * 40):
+        response = get(server, f"/v2/hello/manifests/{tag}")
+        error = assert_error(response, 404, "MANIFEST_UNKNOWN")
+        assert "serves latest" in error["message"], error
+        assert error["detail"] == {"tag": tag, "tags": ["latest"]}
+    for tag in (".bad", "-x"):  # not a tag at all
+        assert_error(get(server, f"/v2/hello/manifests/{tag}"), 404, "MANIFEST_UNKNOWN")
+
+
+def test_settings_restore_nixerys_tags_and_manifests(tmp_path: Path) -> None:
+    extra = ("--any-tag", "1", "--oci", "0", "--workers", "1")
+    with start_server(tmp_path, extra=extra) as server:
+        latest = get(server, "/v2/hello/manifests/latest")
+        assert get(server, "/v2/hello/manifests/anytypo").content == latest.content
+        assert get(server, "/v2/hello/tags/list").json()["tags"] == ["latest"]
+        oci_asked = get(server, "/v2/hello/manifests/latest", headers={"Accept": OCI})
+        assert oci_asked.headers["content-type"] == MANIFEST
+
+
+def test_catalog_lists_the_images_built_by_pages(tmp_path: Path) -> None:
+    names = ["chain-a", "hello", "shell/hello"]
+    with start_server(tmp_path, extra=("--workers", "1")) as server:
+        assert get(server, "/v2/_catalog").json() == {"repositories": []}
+        for name in names:
+            assert get(server, f"/v2/{name}/manifests/latest").status_code == 200
+        assert wait_for(lambda: get(server, "/v2/_catalog").json()["repositories"] == names,
+                        30, "the catalog to list them")  # fmt: skip
+        pages, url = [], "/v2/_catalog?n=2"
+        while url:
+            response = get(server, url)
+            assert response.status_code == 200
+            pages.append(response.json()["repositories"])
+            link = response.headers.get("link")
+            url = link.split(">", 1)[0].removeprefix("<") if link else ""
+            assert not link or link.endswith('; rel="next"')
+        assert pages == [["chain-a", "hello"], ["shell/hello"]]
+        assert get(server, "/v2/_catalog?n=1&last=hello").json() == {
+            "repositories": ["shell/hello"]
+        }
+        assert_error(get(server, "/v2/_catalog?n=lots"), 400, "PAGINATION_NUMBER_INVALID")
+
+
+def test_tags_list_pages(server: Server) -> None:
+    assert get(server, "/v2/hello/tags/list?n=0").json() == {"name": "hello", "tags": []}
+    one = get(server, "/v2/hello/tags/list?n=1")
+    assert one.json() == {"name": "hello", "tags": ["latest"]} and "link" not in one.headers
+    assert get(server, "/v2/hello/tags/list?last=latest").json()["tags"] == []
+    assert_error(get(server, "/v2/hello/tags/list?n=-1"), 400, "PAGINATION_NUMBER_INVALID")
+
+
+def test_referrers_are_an_empty_index(server: Server) -> None:
+    digest = get(server, "/v2/hello/manifests/latest").headers["docker-content-digest"]
+    for query, filtered in (("", False), ("?artifactType=application/spdx%2Bjson", True)):
+        response = get(server, f"/v2/hello/referrers/{digest}{query}")
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/vnd.oci.image.index.v1+json"
+        assert response.json() == {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [],
+        }
+        assert ("oci-filters-applied" in response.headers) is filtered
+    assert_error(get(server, "/v2/hello/referrers/latest"), 400, "DIGEST_INVALID")
+
+
 def test_tags_list(server: Server) -> None:
     assert get(server, "/v2/shell/hello/tags/list").json() == {
         "name": "shell/hello",
@@ -298,13 +366,14 @@ def test_broken_package_says_which_derivation_failed(server: Server) -> None:
         ("/v2/hello/../x/manifests/latest", 400, "NAME_INVALID"),
         ("/v2/hello%2fx/manifests/latest", 400, "NAME_INVALID"),
         ("/v2/hello/manifests/bad:tag!", 400, "DIGEST_INVALID"),
-        ("/v2/hello/manifests/-bad", 400, "TAG_INVALID"),
+        ("/v2/hello/manifests/-bad", 404, "MANIFEST_UNKNOWN"),
         ("/v2/hello/blobs/sha256:abc", 400, "DIGEST_INVALID"),
         ("/v2/hello/blobs/md5:" + "0" * 32, 400, "DIGEST_INVALID"),
         ("/v2/hello/blobs/sha256:" + "A" * 64, 400, "DIGEST_INVALID"),
         ("/v2/hello/blobs/sha256:" + "0" * 64, 404, "BLOB_UNKNOWN"),
         ("/v2/hello/manifests/sha256:" + "0" * 64, 404, "MANIFEST_UNKNOWN"),
-        ("/v2/hello/referrers/x", 404, "NOT_FOUND"),
+        ("/v2/hello/referrers/x", 400, "DIGEST_INVALID"),
+        ("/v2/hello/referrer/x", 404, "NOT_FOUND"),
         ("/v2/Hello/tags/list", 400, "NAME_INVALID"),
         ("/elsewhere", 404, "NOT_FOUND"),
     ],
@@ -363,7 +432,7 @@ def test_traversal_attempts_write_nothing(server: Server, path: str) -> None:
     response = raw_get(server, path)
     assert 400 <= response.status_code < 500, response.text
     assert response.json()["errors"][0]["code"] in {"NAME_INVALID", "DIGEST_INVALID",
-                                                    "TAG_INVALID", "NOT_FOUND"}  # fmt: skip
+                                                    "MANIFEST_UNKNOWN", "NOT_FOUND"}  # fmt: skip
     assert sorted(p.name for p in (server.storage / "blobs" / "sha256").iterdir()) == before
 
 

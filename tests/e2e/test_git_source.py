@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .server import DEMO, Server, start_server
+from .server import DEMO, Server, start_server, wait_for
 
 DOC = Path("files/docs/share/doc/nixery-demo/README")
 
@@ -93,9 +93,25 @@ def test_commits_are_cached_and_branches_rebuilt(git_server: Server, repo: Path)
     assert git_server.count("layer.built") == layers_built
 
 
-def test_unknown_ref_is_a_build_error(git_server: Server) -> None:
+def test_the_tags_are_the_repositorys_branches_and_tags(git_server: Server, repo: Path) -> None:
+    tags = httpx.get(f"{git_server.url}/v2/shell/hello/tags/list", timeout=60).json()
+    assert tags == {"name": "shell/hello", "tags": ["feature", "latest", "main", "v1"]}
+    # A new tag is served within seconds, not after the list's 30 s: a tag not
+    # in the list has the repository asked again, at most every 2 s.
+    git(repo, "tag", "v2")
+    try:
+        url = f"{git_server.url}/v2/docs/manifests/v2"
+        wait_for(lambda: httpx.get(url, timeout=120).status_code == 200, 10, "v2 to be served")
+        assert docs_layer_digests(git_server, "v2") == docs_layer_digests(git_server, "latest")
+    finally:
+        git(repo, "tag", "-d", "v2")
+
+
+def test_unknown_ref_is_an_unknown_manifest(git_server: Server) -> None:
+    nix_builds = git_server.count("nix.build")
     response = httpx.get(f"{git_server.url}/v2/hello/manifests/no-such-branch", timeout=120)
-    assert response.status_code == 500
+    assert response.status_code == 404
     error = response.json()["errors"][0]
-    assert error["code"] == "BUILD_FAILED"
-    assert error["message"].startswith("nix-build failed")
+    assert error["code"] == "MANIFEST_UNKNOWN"
+    assert {"feature", "latest", "main", "v1"} <= set(error["detail"]["tags"])
+    assert git_server.count("nix.build") == nix_builds  # Nix is not asked

@@ -145,7 +145,7 @@ def test_valid_tags(tag: str) -> None:
 def test_invalid_tags(tag: str) -> None:
     with pytest.raises(TagInvalid) as info:
         parse_image("hello", tag)
-    assert info.value.code == "TAG_INVALID"
+    assert (info.value.code, info.value.status) == ("MANIFEST_UNKNOWN", 404)
 
 
 def test_package_limit_counts_after_expansion() -> None:

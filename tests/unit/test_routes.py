@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from nixery_trio.errors import RegistryError
 from nixery_trio.image import parse_image
-from nixery_trio.routes import Kind, Route, parse_route
+from nixery_trio.routes import MAX_PAGE, Kind, Route, page, parse_route
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -23,6 +23,8 @@ DIGEST = "sha256:" + "ab" * 32
         (f"a/b/blobs/{DIGEST}", Route(Kind.BLOB, "a/b", DIGEST)),
         ("manifests/manifests/latest", Route(Kind.MANIFEST, "manifests", "latest")),
         ("blobs/x/tags/list", Route(Kind.TAGS, "blobs/x")),
+        ("_catalog", Route(Kind.CATALOG)),
+        (f"a/b/referrers/{DIGEST}", Route(Kind.REFERRERS, "a/b", DIGEST, by_digest=True)),
     ],
 )
 def test_routes(rest: str, route: Route) -> None:
@@ -51,11 +53,12 @@ def test_routes(rest: str, route: Route) -> None:
         ("hello/blobs/latest", "", "DIGEST_INVALID"),
         ("hello/manifests/sha256:xyz", "", "DIGEST_INVALID"),
         ("hello/manifests/../x", "", "DIGEST_INVALID"),
-        ("hello/manifests/.hidden", "", "TAG_INVALID"),
-        ("hello/manifests/" + "t" * 129, "", "TAG_INVALID"),
-        ("hello/manifests/", "", "TAG_INVALID"),
+        ("hello/manifests/.hidden", "", "MANIFEST_UNKNOWN"),
+        ("hello/manifests/" + "t" * 129, "", "MANIFEST_UNKNOWN"),
+        ("hello/manifests/", "", "MANIFEST_UNKNOWN"),
+        ("hello/referrers/latest", "", "DIGEST_INVALID"),
         ("hello", "", "NOT_FOUND"),
-        ("_catalog", "", "NOT_FOUND"),
+        ("_catalog/x", "", "NOT_FOUND"),
         ("/manifests/latest", "", "NOT_FOUND"),
     ],
 )
@@ -90,3 +93,38 @@ def test_any_path_routes_or_fails_with_a_client_error(pieces: list[str], raw: st
         assert image.packages == tuple(sorted(set(image.packages)))
         assert all(p.replace("-", "").replace(".", "").replace("_", "").isalnum()
                    for p in image.packages)  # fmt: skip
+
+
+TAGS = ["latest", "main", "v1", "v2", "zeta"]
+
+
+@pytest.mark.parametrize(
+    ("n", "last", "entries", "next_last"),
+    [
+        (None, None, TAGS, None),
+        ("2", None, ["latest", "main"], "main"),
+        ("2", "main", ["v1", "v2"], "v2"),
+        ("2", "v2", ["zeta"], None),
+        ("5", None, TAGS, None),
+        ("0", None, [], None),
+        (None, "zeta", [], None),
+        (None, "m", ["main", "v1", "v2", "zeta"], None),  # after it, whether or not listed
+    ],
+)
+def test_pages(n: str | None, last: str | None, entries: list[str], next_last: str | None) -> None:
+    chosen = page(list(reversed(TAGS)), n, last)
+    assert (chosen.entries, chosen.next_last) == (entries, next_last)
+
+
+@pytest.mark.parametrize("n", ["-1", "x", "1.5", ""])
+def test_a_page_size_must_be_a_whole_number(n: str) -> None:
+    with pytest.raises(RegistryError) as info:
+        page(TAGS, n, None)
+    assert (info.value.code, info.value.status) == ("PAGINATION_NUMBER_INVALID", 400)
+
+
+def test_pages_are_capped() -> None:
+    many = [f"t{i:05d}" for i in range(MAX_PAGE + 5)]
+    first = page(many, "99999", None)
+    assert len(first.entries) == MAX_PAGE and first.next_last == many[MAX_PAGE - 1]
+    assert page(many, None, first.next_last).entries == many[MAX_PAGE:]
