@@ -76,7 +76,7 @@ TOUCH_INTERVAL = 60
 RECENT_SECONDS = 30
 RECENT_ENTRIES = 1024
 #: Seconds a git source's branches and tags, and the catalog, are reused;
-#: and how soon a tag not among them makes the repository be asked again.
+#: and how long a listing that did not have a tag is trusted about it.
 TAGS_SECONDS = 30.0
 CATALOG_SECONDS = 10.0
 TAGS_RETRY_SECONDS = 2.0
@@ -280,6 +280,9 @@ class Builder:
         self._refreshing_keys: set[str] = set()
         #: The source's tags and the store's repository names, and when they were read.
         self._tags: tuple[list[str], float] | None = None
+        self._listing_tags = trio.Lock()
+        #: Tags asked for that a listing did not have, and when it was made.
+        self._absent_tags: dict[str, float] = {}
         self._catalog: tuple[list[str], float] | None = None
 
     def open(self, clean: bool = True) -> int | None:
@@ -393,21 +396,34 @@ class Builder:
     async def tags(self, missing: str | None = None) -> list[str] | None:
         """The tags every image is served with; ``None`` if the source cannot tell now.
 
-        A git repository's branches and tags are listed at most every
-        :data:`TAGS_SECONDS`, or every :data:`TAGS_RETRY_SECONDS` while a
-        tag asked for (``missing``) is not among them (it may be new).
+        A git repository's branches and tags are listed every
+        :data:`TAGS_SECONDS`, and again at once for a tag asked for
+        (``missing``) that is not among them (it may be new), unless a listing
+        of the last :data:`TAGS_RETRY_SECONDS` already found it absent.  One
+        listing runs at a time.
         """
-        now = trio.current_time()
         listed = self._tags
-        age = math.inf if listed is None else now - listed[1]
-        absent = listed is not None and missing is not None and missing not in listed[0]
-        if age >= (TAGS_RETRY_SECONDS if absent else TAGS_SECONDS):
-            fresh = await trio.to_thread.run_sync(self.config.source.tags)
-            if fresh is None:
-                logs.warning("source.tags_unknown", source=self.config.source.src_type)
-                return None if listed is None else listed[0]
-            self._tags = listed = (fresh, now)
-        return None if listed is None else listed[0]
+        stale = listed is None or trio.current_time() - listed[1] >= TAGS_SECONDS
+        if not stale and missing is not None and listed is not None and missing not in listed[0]:
+            confirmed = self._absent_tags.get(missing, -math.inf)
+            stale = trio.current_time() - confirmed >= TAGS_RETRY_SECONDS
+        if stale:
+            async with self._listing_tags:
+                if self._tags is listed:  # else another task just listed them
+                    asked = trio.current_time()
+                    fresh = await trio.to_thread.run_sync(self.config.source.tags)
+                    if fresh is None:
+                        logs.warning("source.tags_unknown", source=self.config.source.src_type)
+                    else:
+                        self._tags = (fresh, asked)
+            listed = self._tags
+        if listed is None:
+            return None
+        if missing is not None and missing not in listed[0]:
+            if len(self._absent_tags) >= RECENT_ENTRIES:
+                self._absent_tags.clear()
+            self._absent_tags[missing] = listed[1]
+        return listed[0]
 
     async def catalog(self) -> list[str]:
         """The repository names of the images in the store, read at most every
