@@ -272,6 +272,7 @@ def _manifests(ctx: Context, port: int, ours_pids: list[int], storage: Path) -> 
                 "skopeo",
                 "copy",
                 "--quiet",
+                "--format=v2s2",  # skopeo takes our OCI manifest; compare Docker's
                 "--src-tls-verify=false",
                 "--dest-tls-verify=false",
                 f"docker://127.0.0.1:{port}/{image}:latest",
