@@ -9,6 +9,7 @@
 #
 #   {"graph": [{"path", "references", "narSize", "closureSize", ...}, ...],
 #    "roots": {"<requested name>": "/nix/store/...", ...},
+#    "mainPrograms": {"<requested name>": "hello" or null, ...},
 #    "forest": "/nix/store/...-forest"}
 #
 # or, when some names are not packages, {"error": "not_found", "pkgs": [...]}
@@ -69,6 +70,16 @@ let
   roots = builtins.listToAttrs
     (map (f: { inherit (f) name; value = f.package.outPath; }) found);
   rootPaths = unique (map (f: f.package.outPath) found);
+  # Each root's meta.mainProgram (what nixpkgs' lib.getExe runs), or null;
+  # a value that throws, or is no string, counts as none.
+  mainPrograms = builtins.listToAttrs (map
+    (f: {
+      inherit (f) name;
+      value =
+        let tried = builtins.tryEval (f.package.meta.mainProgram or null);
+        in if tried.success && builtins.isString tried.value then tried.value else null;
+    })
+    found);
 
   # usr/bin/env -> /bin/env, which many scripts' shebangs need; /bin/env
   # itself comes from a package such as coreutils.
@@ -123,7 +134,7 @@ let
     name = "image-contents.json";
     graph = closureGraph;
     # The other fields as a JSON object; its `{` gives way to the graph.
-    fields = builtins.toJSON { inherit roots; forest = "${forest}"; };
+    fields = builtins.toJSON { inherit roots mainPrograms; forest = "${forest}"; };
     script = ''
       { printf '{"graph":'; cat "$graph"; printf ',%s' "''${fields#?}"; } > "$out"
     '';

@@ -17,16 +17,18 @@ Every byte of every file is read once, straight into the block it belongs
 to, and never held whole: a layer of any size needs a few blocks of memory.
 
 **The tar** is deterministic: store paths in sorted order, entries sorted by
-name within each directory, mtime 1 (as in the Nix store), uid and gid 0, no
-user or group names; only directories, regular files and symlinks exist in
-the store.  Headers are POSIX ustar, with a pax extended header for a path
-or link target that does not fit (over 100 bytes, or not ASCII) and for
-sizes of 8 GiB or more; they are built here, byte for byte what Python's
+name within each directory, mtime 1 (as in the Nix store), uid and gid 0
+(but for a home the server adds), no user or group names; only directories,
+regular files and symlinks exist in the store.  Headers are POSIX ustar,
+with a pax extended header for a path or link target that does not fit
+(over 100 bytes, or not ASCII) and for sizes of 8 GiB or more; they are
+built here, byte for byte what Python's
 ``tarfile`` writes in ``PAX_FORMAT``, so the bytes do not drift with the
 Python version.  Entries of store path layers carry their full
 ``nix/store/<hash>-<name>/...`` path with the parent directories ``nix/``
 and ``nix/store/``.  The symlink forest layer maps the forest's store path
-to the image root instead, adds ``/tmp`` (mode 1777) and leaves out Nix's
+to the image root instead, adds what every root gets (``rootfs.py``: ``/tmp``,
+``/etc/passwd`` and ``/etc/group``, homes) and leaves out Nix's
 ``manifest.nix``.
 
 **The gzip** is one standard gzip member made the way pigz makes one: the
@@ -79,6 +81,7 @@ from isal import isal_zlib
 
 from .cas import CAS
 from .manifest import LayerBlob
+from .rootfs import root_entries
 
 #: Bytes of tar stream per deflate block.  Part of the output format: the
 #: gzip bytes (and so every layer digest) depend on it.
@@ -118,12 +121,21 @@ _FINAL_BLOCK = b"\x03\x00"
 
 @dataclass(frozen=True)
 class Entry:
-    """One tar entry: the name inside the layer and the file it comes from."""
+    """One tar entry: the name inside the layer and the file it comes from.
+
+    A synthetic entry has no ``source``: a directory, a file whose bytes
+    are ``data``, or a symlink to ``link``; only synthetic entries may be
+    owned by someone else than root.
+    """
 
     name: str
-    source: str | None  # None for synthetic directories
+    source: str | None  # None for synthetic entries
     mode: int  # permission bits
     kind: str  # "dir", "file" or "symlink"
+    data: bytes = b""
+    uid: int = 0
+    gid: int = 0
+    link: str = ""
 
 
 @dataclass(frozen=True)
@@ -370,13 +382,15 @@ def _field(text: bytes, width: int) -> bytes:
     return text[:width].ljust(width, b"\0")
 
 
-def _ustar(name: bytes, mode: int, size: int, mtime: int, kind: bytes, link: bytes) -> bytes:
+def _ustar(
+    name: bytes, mode: int, size: int, mtime: int, kind: bytes, link: bytes, uid: int, gid: int
+) -> bytes:
     header = b"".join(
         (
             _field(name, 100),
             _octal(mode & 0o7777, 8),
-            b"0000000\0",  # uid
-            b"0000000\0",  # gid
+            _octal(uid, 8),
+            _octal(gid, 8),
             _octal(size, 12),
             _octal(mtime, 12),
             b"        ",  # checksum, counted as spaces
@@ -402,7 +416,9 @@ def _pax_records(records: list[tuple[bytes, bytes]]) -> bytes:
     return b"".join(out)
 
 
-def tar_header(name: str, kind: str, mode: int, size: int = 0, link: str = "") -> bytes:
+def tar_header(
+    name: str, kind: str, mode: int, size: int = 0, link: str = "", uid: int = 0, gid: int = 0
+) -> bytes:
     """The header block(s) of one entry, as ``tarfile`` writes them in pax format.
 
     ``kind`` is ``"dir"`` (``name`` gets a trailing ``/``), ``"file"`` or
@@ -423,7 +439,7 @@ def tar_header(name: str, kind: str, mode: int, size: int = 0, link: str = "") -
         ustar_size = 0
     name_field = name.encode("ascii", "replace")
     link_field = link.encode("ascii", "replace")
-    entry = _ustar(name_field, mode, ustar_size, _MTIME, type_flag, link_field)
+    entry = _ustar(name_field, mode, ustar_size, _MTIME, type_flag, link_field, uid, gid)
     if not pax:
         return entry
     binary = not all(_utf8_ok(value) for _, value in pax)
@@ -434,7 +450,7 @@ def tar_header(name: str, kind: str, mode: int, size: int = 0, link: str = "") -
     ]
     payload = _pax_records(records)
     padding = bytes(-len(payload) % _TAR_BLOCK)
-    extended = _ustar(b"././@PaxHeader", 0, len(payload), 0, b"x", b"")
+    extended = _ustar(b"././@PaxHeader", 0, len(payload), 0, b"x", b"", 0, 0)
     return extended + payload + padding + entry
 
 
@@ -458,14 +474,34 @@ def store_path_entries(store_paths: Iterable[str]) -> Iterator[Entry]:
         yield from _walk(path, path.lstrip("/"))
 
 
-def forest_entries(forest: str) -> Iterator[Entry]:
-    """Entries for the symlink forest placed at the image root, plus /tmp."""
-    names = {name for name in os.listdir(forest) if name != "manifest.nix"} | {"tmp"}
-    for name in sorted(names):
-        if name == "tmp":
-            yield Entry("tmp", None, 0o1777, "dir")
-        else:
-            yield from _walk(os.path.join(forest, name), name)
+def forest_entries(forest: str, nonroot: bool = False) -> Iterator[Entry]:
+    """Entries for the symlink forest placed at the image root, plus what
+    ``rootfs.root_entries`` adds to every root (where the forest has no such path).
+
+    A top-level link of the forest that a path added goes under (``etc``,
+    when one package alone provides it) becomes a directory of links to
+    what its target holds, so nothing is added through a symlink.
+    """
+    found: dict[str, Entry] = {}
+    for name in os.listdir(forest):
+        if name != "manifest.nix":
+            found.update((e.name, e) for e in _walk(os.path.join(forest, name), name))
+    for extra in root_entries(nonroot):
+        top = extra.name.split("/")[0]
+        linked = found.get(top)
+        if linked is not None and linked.kind == "symlink" and "/" in extra.name:
+            assert linked.source is not None
+            found[top] = Entry(top, None, 0o755, "dir")
+            target = os.readlink(linked.source)
+            for child in os.listdir(linked.source):
+                name = f"{top}/{child}"
+                found[name] = Entry(name, None, 0o777, "symlink", link=os.path.join(target, child))
+        if extra.name not in found:
+            found[extra.name] = Entry(extra.name, None, extra.mode, extra.kind, extra.data,
+                                      extra.uid, extra.gid)  # fmt: skip
+    # Sorted by path components: the order of a walk that sorts each directory.
+    for name in sorted(found, key=lambda name: name.split("/")):
+        yield found[name]
 
 
 def _walk(source: str, name: str) -> Iterator[Entry]:
@@ -485,7 +521,13 @@ def _walk(source: str, name: str) -> Iterator[Entry]:
 
 def _write_tar(entries: Iterable[Entry], tar: _TarBlocks) -> None:
     for entry in entries:
-        if entry.kind == "file":
+        if entry.kind == "file" and entry.source is None:
+            size = len(entry.data)
+            tar.write(tar_header(entry.name, "file", entry.mode, size, uid=entry.uid,
+                                 gid=entry.gid) + entry.data)  # fmt: skip
+            if size % _TAR_BLOCK:
+                tar.write(bytes(_TAR_BLOCK - size % _TAR_BLOCK))
+        elif entry.kind == "file":
             assert entry.source is not None
             with open(entry.source, "rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size
@@ -494,10 +536,10 @@ def _write_tar(entries: Iterable[Entry], tar: _TarBlocks) -> None:
             if size % _TAR_BLOCK:
                 tar.write(bytes(_TAR_BLOCK - size % _TAR_BLOCK))
         elif entry.kind == "symlink":
-            assert entry.source is not None
-            tar.write(tar_header(entry.name, "symlink", entry.mode, 0, os.readlink(entry.source)))
+            target = entry.link or os.readlink(entry.source or "")
+            tar.write(tar_header(entry.name, "symlink", entry.mode, 0, target))
         else:
-            tar.write(tar_header(entry.name, "dir", entry.mode))
+            tar.write(tar_header(entry.name, "dir", entry.mode, uid=entry.uid, gid=entry.gid))
     tar.write(bytes(2 * _TAR_BLOCK))
 
 

@@ -57,10 +57,12 @@ from .manifest import (
     LayerBlob,
     build_config,
     build_manifest,
+    command,
     convert_manifest,
     manifest_format,
     manifest_refs,
 )
+from .rootfs import user
 from .sources import COMMIT, LATEST, GitSource, PathSource
 
 T = TypeVar("T")
@@ -68,6 +70,10 @@ V = TypeVar("V")
 #: A deferred walk of a layer's files (run in the worker thread).
 Entries = Callable[[], Iterable[archive.Entry]]
 
+#: The version of what the server adds to an image (its root's files, its
+#: config), part of every image key: a server that adds something new builds
+#: anew rather than serve images made without it.
+IMAGE_LAYOUT = 2
 #: Manifests are small; anything bigger in the CAS is not one of ours.
 MANIFEST_LIMIT = 4 << 20
 #: Seconds between two refreshes of a manifest's "last used" time.
@@ -200,6 +206,14 @@ class Manifest:
     data: bytes
     digest: str
     media_type: str
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """What the config says beside the layers: the command, and what each layer holds."""
+
+    cmd: list[str] | None
+    history: list[str]
 
 
 @dataclass(frozen=True)
@@ -345,8 +359,9 @@ class Builder:
             logs.info("manifest.cached", image=name, tag=tag)
             return cached
         flight_key = image_key or json.dumps(
-            [self.config.source.render(tag), image.arch.nix_system, list(image.packages)]
-        )
+            [self.config.source.render(tag), image.arch.nix_system, list(image.packages),
+             IMAGE_LAYOUT, *image.variant]
+        )  # fmt: skip
         miss = self._recent_miss(flight_key)
         if miss is not None:
             raise miss
@@ -452,7 +467,9 @@ class Builder:
     def _image_key(image: Image, source_key: str | None) -> str | None:
         if source_key is None:
             return None
-        return json.dumps([source_key, image.arch.nix_system, list(image.packages)])
+        return json.dumps(
+            [source_key, image.arch.nix_system, list(image.packages), IMAGE_LAYOUT, *image.variant]
+        )
 
     async def _cached(self, image_key: str | None, name: str) -> ImageManifests | None:
         if image_key is None:
@@ -606,7 +623,17 @@ class Builder:
         jobs: list[tuple[str, Entries]] = [
             (layer.key, partial(archive.store_path_entries, layer.contents)) for layer in layers
         ]
-        jobs.append(("forest:" + result.forest, partial(archive.forest_entries, result.forest)))
+        forest = partial(archive.forest_entries, result.forest, image.nonroot)
+        forest_key = f"forest:{IMAGE_LAYOUT}:{':'.join(image.variant)}:{result.forest}"
+        jobs.append((forest_key, forest))
+        history = [f"nix store paths: {' '.join(sorted(layer.contents))}" for layer in layers]
+        history.append(f"image root: links from {result.forest}, /etc/passwd, /etc/group, /tmp")
+        programs = {
+            name: program
+            for name, program in result.main_programs.items()
+            if os.path.lexists(os.path.join(result.forest, "bin", program))
+        }
+        cmd = command(image.requested, programs, image.has_bash)
         # The store lock is held shared from the layer lookups until the
         # manifest is recorded: gc (exclusive) cannot remove a cached layer
         # in between.  One worker-thread hop takes the lock and looks up
@@ -628,7 +655,9 @@ class Builder:
                 raise first_registry_error(group) from group
             written = time.monotonic()
             layer_blobs = [blob for blob in blobs if blob is not None]
-            manifests = await trio.to_thread.run_sync(self._record, image, layer_blobs, image_key)
+            manifests = await trio.to_thread.run_sync(
+                self._record, image, layer_blobs, image_key, ImageSettings(cmd, history)
+            )
         finally:
             os.close(lock)
         done = time.monotonic()
@@ -654,10 +683,20 @@ class Builder:
             raise
 
     def _record(
-        self, image: Image, layers: list[LayerBlob], image_key: str | None
+        self,
+        image: Image,
+        layers: list[LayerBlob],
+        image_key: str | None,
+        settings: ImageSettings,
     ) -> ImageManifests:
         """Store the config and a manifest per format, and record them for the image."""
-        config = build_config(arch=image.arch, layers=layers, has_bash=image.has_bash)
+        config = build_config(
+            arch=image.arch,
+            layers=layers,
+            cmd=settings.cmd,
+            user=user(image.nonroot),
+            history=settings.history,
+        )
         config_digest = sha256_digest(config)
         documents = {
             fmt: build_manifest(

@@ -27,10 +27,12 @@ turns ``(name, tag)`` into an :class:`Image` following these rules, in order:
 
 4. **Meta-packages at the front.**  A leading ``arm64`` component selects the
    ``aarch64-linux`` system and is removed (without it the image is for
-   ``x86_64-linux``).  After that, a leading ``shell`` component is removed and
-   adds ``bashInteractive``, ``coreutils``, ``moreutils`` and ``nano``.  Only
-   that order is recognised: ``shell/arm64/...`` asks for a package called
-   ``arm64``.
+   ``x86_64-linux``).  After that, leading ``shell`` and ``nonroot``
+   components, in either order, are removed: ``shell`` adds
+   ``bashInteractive``, ``coreutils``, ``moreutils`` and ``nano``;
+   ``nonroot`` makes the image run as an unprivileged user with a home
+   directory (``rootfs.py``).  Only that order is recognised:
+   ``shell/arm64/...`` asks for a package called ``arm64``.
 
 5. **Always-included packages.**  ``cacert`` and ``iana-etc`` are added to
    every image, so TLS and ``/etc/services`` lookups work out of the box.
@@ -61,6 +63,7 @@ MAX_NAME_LENGTH = 255
 
 ARM64_META = "arm64"
 SHELL_META = "shell"
+NONROOT_META = "nonroot"
 SHELL_PACKAGES: tuple[str, ...] = ("bashInteractive", "coreutils", "moreutils", "nano")
 """What the ``shell`` meta-package expands to, spelled as nixpkgs attributes."""
 
@@ -102,13 +105,22 @@ class Image:
     ``name`` is the repository name as the client requested it (validated);
     ``tag`` the requested tag; ``packages`` the sorted, de-duplicated package
     names to build, meta-packages expanded and ``cacert``/``iana-etc`` added;
-    ``arch`` the architecture to build for.
+    ``arch`` the architecture to build for; ``requested`` the packages the
+    name itself asked for (no meta-packages, nothing added), sorted;
+    ``nonroot`` whether it runs as an unprivileged user.
     """
 
     name: str
     tag: str
     packages: tuple[str, ...]
     arch: Arch
+    requested: tuple[str, ...] = ()
+    nonroot: bool = False
+
+    @property
+    def variant(self) -> tuple[str, ...]:
+        """What the image asked for beyond its packages and system, for cache keys."""
+        return (NONROOT_META,) if self.nonroot else ()
 
     @property
     def has_bash(self) -> bool:
@@ -135,8 +147,14 @@ def parse_image(name: str, tag: str, *, max_packages: int = 64) -> Image:
         arch = Arch.ARM64
         components = components[1:]
     meta_packages: tuple[str, ...] = ()
-    if components and components[0] == SHELL_META:
-        meta_packages = SHELL_PACKAGES
+    nonroot = False
+    while components and components[0] in (SHELL_META, NONROOT_META):
+        if components[0] == SHELL_META and not meta_packages:
+            meta_packages = SHELL_PACKAGES
+        elif components[0] == NONROOT_META and not nonroot:
+            nonroot = True
+        else:
+            break  # the same meta-package twice: the second is a package name
         components = components[1:]
 
     # Meta-package spellings go in first so that they win the case-insensitive
@@ -152,7 +170,12 @@ def parse_image(name: str, tag: str, *, max_packages: int = 64) -> Image:
             f"{' and '.join(ALWAYS_INCLUDED)}); at most {max_packages} are allowed",
             detail={"name": name, "packages": len(packages), "max_packages": max_packages},
         )
-    return Image(name=name, tag=tag, packages=packages, arch=arch)
+    first_spelling: dict[str, str] = {}
+    for component in components:
+        first_spelling.setdefault(component.lower(), component)
+    requested = tuple(sorted(first_spelling.values()))
+    return Image(name=name, tag=tag, packages=packages, arch=arch, requested=requested,
+                 nonroot=nonroot)  # fmt: skip
 
 
 def validate_name(name: str) -> str:

@@ -118,6 +118,9 @@ def acceptable(accept: str | None, media_type: str) -> bool:
 
 
 SCHEMA_VERSION = 2
+#: Every image's creation time: fixed, so that the same packages always give
+#: the same digests (the Nix store's files are dated 1 too).
+CREATED = "1970-01-01T00:00:01Z"
 
 IMAGE_ENV: tuple[str, ...] = (
     # cacert is in every image; point OpenSSL and friends at its bundle.
@@ -155,23 +158,49 @@ def canonical_json(document: Any) -> bytes:
     )
 
 
-def build_config(*, arch: Arch, layers: Sequence[LayerBlob], has_bash: bool) -> bytes:
-    """The image config: architecture, layer ``diff_ids`` in order, env, and ``bash`` if present.
+def build_config(
+    *,
+    arch: Arch,
+    layers: Sequence[LayerBlob],
+    cmd: Sequence[str] | None = None,
+    user: str | None = None,
+    history: Sequence[str] = (),
+) -> bytes:
+    """The image config: architecture, layer ``diff_ids`` in order, env, command and user.
 
-    ``Cmd`` is set only when the image has ``bashInteractive``; otherwise
-    there is no sensible default and the user names the command to run.
+    ``history`` says what each layer holds (one text per layer, in order),
+    for ``docker history``; every date is :data:`CREATED`.
     """
+    if history and len(history) != len(layers):
+        raise ValueError(f"{len(history)} history entries for {len(layers)} layers")
     runtime: dict[str, Any] = {"Env": list(IMAGE_ENV)}
+    if cmd:
+        runtime["Cmd"] = list(cmd)
+    if user:
+        runtime["User"] = user
+    document: dict[str, Any] = {
+        "architecture": arch.oci_arch,
+        "os": "linux",
+        "created": CREATED,
+        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]},
+        "config": runtime,
+    }
+    if history:
+        document["history"] = [{"created": CREATED, "created_by": text} for text in history]
+    return canonical_json(document)
+
+
+def command(
+    requested: Sequence[str], main_programs: dict[str, str], has_bash: bool
+) -> list[str] | None:
+    """The image's ``Cmd``: ``bash`` if the image has it (``shell/...`` asks for a
+    shell); else the program of the one package asked for, if it names one
+    (``meta.mainProgram``, linked at ``/bin``); else none (the user names it)."""
     if has_bash:
-        runtime["Cmd"] = ["bash"]
-    return canonical_json(
-        {
-            "architecture": arch.oci_arch,
-            "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]},
-            "config": runtime,
-        }
-    )
+        return ["bash"]
+    if len(requested) == 1 and requested[0] in main_programs:
+        return [f"/bin/{main_programs[requested[0]]}"]
+    return None
 
 
 class Blob(Protocol):

@@ -18,7 +18,7 @@ import re
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,8 @@ class NixResult:
     graph: tuple[StorePathInfo, ...]
     roots: tuple[str, ...]
     forest: str
+    #: The ``meta.mainProgram`` of each requested name that declares one.
+    main_programs: dict[str, str] = field(default_factory=dict)
 
 
 async def _deliver_cancel(process: trio.Process) -> None:
@@ -79,8 +81,16 @@ def parse_result(data: bytes) -> NixResult:
         )
         for entry in doc["graph"]
     )
+    main_programs = {
+        str(name): program
+        for name, program in (doc.get("mainPrograms") or {}).items()
+        if isinstance(program, str) and program and "/" not in program
+    }
     return NixResult(
-        graph=graph, roots=tuple(sorted(set(doc["roots"].values()))), forest=doc["forest"]
+        graph=graph,
+        roots=tuple(sorted(set(doc["roots"].values()))),
+        forest=doc["forest"],
+        main_programs=main_programs,
     )
 
 

@@ -46,7 +46,7 @@ let
   # Scripts call busybox by its store path rather than relying on applets
   # found by name: those re-exec through /proc/self/exe, which a bare chroot
   # does not have.
-  mkPackage = { name, scripts ? { }, links ? { } }:
+  mkPackage = { name, scripts ? { }, links ? { }, mainProgram ? null }:
     let
       scriptNames = builtins.attrNames scripts;
       linkPaths = builtins.attrNames links;
@@ -58,7 +58,7 @@ let
         })
         (builtins.length scriptNames));
     in
-    runBusybox (scriptVars // {
+    withMeta mainProgram (runBusybox (scriptVars // {
       inherit name;
       scriptNames = builtins.concatStringsSep " " scriptNames;
       links = builtins.concatStringsSep " "
@@ -79,7 +79,12 @@ let
           shift 2
         done
       '';
-    });
+    }));
+
+  # A derivation with meta.mainProgram, on its `out` too, as nixpkgs' have it.
+  withMeta = mainProgram: drv:
+    if mainProgram == null then drv
+    else let self = drv // { meta.mainProgram = mainProgram; out = self; }; in self;
 
   # A directory committed next to this file, copied into the store with no
   # build step: it exists for every system without building anything.
@@ -120,6 +125,7 @@ in
   hello = mkPackage {
     name = "hello";
     scripts.hello = "${bb} echo 'Hello, world!'\n";
+    mainProgram = "hello";
   };
 
   # Debian's busybox has no bash applet, so bash is ash under another name.
@@ -169,6 +175,7 @@ in
   tools = {
     greet = mkPackage {
       name = "greet";
+      mainProgram = "greet";
       scripts.greet = ''${bb} echo "Greetings, ''${1:-stranger}!"'' + "\n";
     };
   };

@@ -103,7 +103,8 @@ def test_manifest_config_and_blobs(server: Server) -> None:
     assert config["architecture"] == "amd64" and config["os"] == "linux"
     assert len(config["rootfs"]["diff_ids"]) == len(manifest["layers"])
     assert "SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt" in config["config"]["Env"]
-    assert "Cmd" not in config["config"]
+    assert config["config"]["Cmd"] == ["/bin/hello"]  # hello's meta.mainProgram
+    assert "User" not in config["config"]
 
     for layer in manifest["layers"]:
         blob = get(server, f"/v2/hello/blobs/{layer['digest']}")
@@ -235,6 +236,28 @@ def test_referrers_are_an_empty_index(server: Server) -> None:
         }
         assert ("oci-filters-applied" in response.headers) is filtered
     assert_error(get(server, "/v2/hello/referrers/latest"), 400, "DIGEST_INVALID")
+
+
+def config_of(server: Server, name: str) -> dict:
+    manifest = get(server, f"/v2/{name}/manifests/latest").json()
+    config: dict = get(server, f"/v2/{name}/blobs/{manifest['config']['digest']}").json()
+    config["_layers"] = len(manifest["layers"])
+    return config
+
+
+def test_configs_say_when_what_and_who(server: Server) -> None:
+    hello = config_of(server, "hello")
+    assert hello["created"] == "1970-01-01T00:00:01Z"  # fixed: digests stay reproducible
+    history = hello["history"]
+    assert len(history) == hello["_layers"]
+    assert all(entry["created"] == hello["created"] for entry in history)
+    assert any("-hello" in entry["created_by"] for entry in history[:-1])
+    assert history[-1]["created_by"].startswith("image root: links from /nix/store/")
+    assert config_of(server, "shell/hello")["config"]["Cmd"] == ["bash"]
+    assert "Cmd" not in config_of(server, "docs")["config"]
+    nonroot = config_of(server, "nonroot/hello")
+    assert nonroot["config"]["User"] == "65532:65532"
+    assert nonroot["config"]["Cmd"] == ["/bin/hello"]
 
 
 def test_tags_list(server: Server) -> None:

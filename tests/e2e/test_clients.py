@@ -27,6 +27,9 @@ def test_skopeo_umoci_hello_runs(server: Server, tmp_path: Path) -> None:
     ) > 10
     assert (rootfs / "etc" / "services").exists()
     assert (rootfs / "tmp").is_dir() and (rootfs / "tmp").stat().st_mode & 0o1777 == 0o1777
+    assert (rootfs / "etc" / "passwd").read_text().startswith("root:x:0:0:")
+    config = json.loads((tmp_path / "bundle" / "config.json").read_text())
+    assert config["process"]["args"] == ["/bin/hello"]
 
 
 def test_skopeo_umoci_shell_image(server: Server, tmp_path: Path) -> None:
@@ -57,6 +60,9 @@ def test_ctr_pull_and_run(server: Server, containerd: Containerd) -> None:
     containerd.ctr("image", "pull", "--plain-http", ref)
     result = containerd.ctr("run", "--rm", ref, "nixery-hello", "/bin/hello", timeout=120)
     assert result.stdout.strip() == "Hello, world!"
+    # With no command: the image's own, hello's meta.mainProgram.
+    result = containerd.ctr("run", "--rm", ref, "nixery-hello-cmd", timeout=120)
+    assert result.stdout.strip() == "Hello, world!"
     digest = skopeo_inspect(server.host, "hello:latest")["Digest"]
     containerd.ctr("image", "pull", "--plain-http", f"{server.host}/hello@{digest}")
 
@@ -75,6 +81,18 @@ def test_podman_pull_and_run(server: Server) -> None:
             ref, "/bin/sh", "-c", "hello && echo ok",
         )  # fmt: skip
         assert result.stdout == "Hello, world!\nok\n"
+
+
+def test_podman_runs_a_nonroot_image_as_its_user(server: Server) -> None:
+    ref = f"{server.host}/shell/nonroot/hello:latest"
+    with tempfile.TemporaryDirectory(prefix="pm", dir="/tmp") as workdir:
+        podman(Path(workdir), "pull", "--tls-verify=false", ref)
+        result = podman(
+            Path(workdir), "run", "--rm", "--network", "none",
+            "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096",
+            ref, "/bin/sh", "-c", "id -u; id -un; echo home > ~/file && cat ~/file; pwd",
+        )  # fmt: skip
+        assert result.stdout.split("\n")[:3] == ["65532", "nonroot", "home"]
 
 
 def test_missing_package_reaches_the_client(server: Server, tmp_path: Path) -> None:

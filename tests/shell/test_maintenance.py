@@ -50,7 +50,7 @@ class Store:
         return blob
 
     def image(self, key: str, layers: list[LayerBlob]) -> Image:
-        config = build_config(arch=Arch.AMD64, layers=layers, has_bash=False)
+        config = build_config(arch=Arch.AMD64, layers=layers)
         config_digest = self.cas.put_bytes(config)
         docker, oci = (
             self.cas.put_bytes(

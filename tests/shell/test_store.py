@@ -179,6 +179,52 @@ def test_forest_layer_maps_to_root_with_tmp(cas: CAS, tmp_path: Path) -> None:
     assert members["tmp"].isdir() and members["tmp"].mode == 0o1777
     assert members["bin/hello"].linkname == "/nix/store/x-hello/bin/hello"
     assert members["usr/bin/env"].linkname == "/bin/env"
+    # Every root gets root and nobody, and root's home; nothing of nonroot's.
+    passwd = tar_text(cas, blob, "etc/passwd")
+    assert passwd.splitlines()[:2] == [
+        "root:x:0:0:root:/root:/bin/sh",
+        "nobody:x:65534:65534:nobody:/nonexistent:/bin/false",
+    ]
+    assert "nonroot" not in passwd and "home" not in members
+    assert members["root"].isdir() and members["root"].mode == 0o700
+    # Entries come in the order of a walk that sorts each directory.
+    names = [m.name for m in tar_members(cas, blob)]
+    assert names == sorted(names, key=lambda name: name.split("/"))
+
+
+def test_forest_layer_for_nonroot_and_a_linked_etc(cas: CAS, tmp_path: Path) -> None:
+    """A lone package's etc/ is a link in the forest: it becomes a directory of links,
+    so that /etc/passwd goes in no linked directory; the user's home is theirs."""
+    package_etc = tmp_path / "pkg" / "etc"
+    (package_etc / "ssl").mkdir(parents=True)
+    (package_etc / "group").write_text("wheel:x:10:\n")  # the package's own wins
+    forest = tmp_path / "forest"
+    forest.mkdir()
+    (forest / "etc").symlink_to(package_etc)
+    blob = archive.write_layer(cas, archive.forest_entries(str(forest), nonroot=True), 1)
+    members = {m.name: m for m in tar_members(cas, blob)}
+    assert members["etc"].isdir()
+    assert members["etc/ssl"].linkname == str(package_etc / "ssl")
+    assert members["etc/group"].linkname == str(package_etc / "group")
+    assert "nonroot:x:65532:65532:nonroot:/home/nonroot:/bin/sh" in tar_text(
+        cas, blob, "etc/passwd"
+    )
+    home = members["home/nonroot"]
+    assert home.isdir() and (home.uid, home.gid, home.mode) == (65532, 65532, 0o700)
+    again = archive.write_layer(cas, archive.forest_entries(str(forest), nonroot=True), 1)
+    assert again == blob
+
+
+def tar_members(cas: CAS, blob: LayerBlob) -> list[tarfile.TarInfo]:
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(_layer_bytes(cas, blob)))) as tar:
+        return tar.getmembers()
+
+
+def tar_text(cas: CAS, blob: LayerBlob, name: str) -> str:
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(_layer_bytes(cas, blob)))) as tar:
+        member = tar.extractfile(name)
+        assert member is not None
+        return member.read().decode()
 
 
 def test_record_index_ignores_torn_and_foreign_records(tmp_path: Path, cas: CAS) -> None:

@@ -22,8 +22,9 @@ def test_plain_packages_get_cacert_and_iana_etc_and_are_sorted() -> None:
         tag="latest",
         packages=("cacert", "git", "htop", "iana-etc"),
         arch=Arch.AMD64,
+        requested=("git", "htop"),
     )
-    assert not image.has_bash
+    assert not image.has_bash and not image.nonroot and image.variant == ()
 
 
 def test_shell_meta_package_expands_to_exact_attribute_names() -> None:
@@ -199,3 +200,25 @@ def test_packages_independent_of_order(components: list[str]) -> None:
     # Meta-packages only count at the front, so compare when none is present.
     if not {"arm64", "shell"} & {components[0], components[-1]}:
         assert forward.packages == backward.packages
+
+
+@pytest.mark.parametrize(
+    ("name", "nonroot", "shell", "requested"),
+    [
+        ("nonroot/hello", True, False, ("hello",)),
+        ("shell/nonroot/hello", True, True, ("hello",)),
+        ("nonroot/shell/hello", True, True, ("hello",)),
+        ("arm64/nonroot/hello", True, False, ("hello",)),
+        ("nonroot", True, False, ()),
+        ("hello/nonroot", False, False, ("hello", "nonroot")),  # not at the front: a package
+        ("nonroot/nonroot", True, False, ("nonroot",)),  # twice: the second is a package
+        ("nonroot/arm64", True, False, ("arm64",)),
+    ],
+)
+def test_the_nonroot_meta_package(
+    name: str, nonroot: bool, shell: bool, requested: tuple[str, ...]
+) -> None:
+    image = parse_image(name, "latest")
+    assert (image.nonroot, image.has_bash, image.requested) == (nonroot, shell, requested)
+    assert image.variant == (("nonroot",) if nonroot else ())
+    assert "nonroot" not in image.packages or "nonroot" in requested

@@ -24,6 +24,7 @@ from nixery_trio.manifest import (
     build_config,
     build_manifest,
     canonical_json,
+    command,
     convert_manifest,
     manifest_format,
     manifest_refs,
@@ -38,27 +39,57 @@ LAYERS = (
 
 
 def test_config_structure() -> None:
-    config = json.loads(build_config(arch=Arch.ARM64, layers=LAYERS, has_bash=True))
+    history = ["nix store paths: /nix/store/a-x", "nix store paths: /nix/store/b-y", "root"]
+    config = json.loads(
+        build_config(
+            arch=Arch.ARM64, layers=LAYERS, cmd=["bash"], user="65532:65532", history=history
+        )
+    )
     assert config == {
         "architecture": "arm64",
         "os": "linux",
+        "created": "1970-01-01T00:00:01Z",
         "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in LAYERS]},
         "config": {
             "Env": ["SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt", "PATH=/bin:/usr/bin"],
             "Cmd": ["bash"],
+            "User": "65532:65532",
         },
+        "history": [{"created": "1970-01-01T00:00:01Z", "created_by": text} for text in history],
     }
+    with pytest.raises(ValueError, match="history"):
+        build_config(arch=Arch.ARM64, layers=LAYERS, history=history[:2])
 
 
-def test_config_without_bash_has_no_cmd() -> None:
-    config = json.loads(build_config(arch=Arch.AMD64, layers=LAYERS, has_bash=False))
+def test_config_without_a_command_or_user_has_none() -> None:
+    config = json.loads(build_config(arch=Arch.AMD64, layers=LAYERS))
     assert config["architecture"] == "amd64"
-    assert "Cmd" not in config["config"]
+    assert "Cmd" not in config["config"] and "User" not in config["config"]
+    assert "history" not in config
     assert config["config"]["Env"][0] == "SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt"
 
 
+@pytest.mark.parametrize(
+    ("requested", "programs", "has_bash", "cmd"),
+    [
+        (("hello",), {"hello": "hello"}, False, ["/bin/hello"]),
+        (("hello",), {"hello": "hello"}, True, ["bash"]),  # shell/hello: a shell
+        (("tools.greet",), {"tools.greet": "greet"}, False, ["/bin/greet"]),
+        (("docs",), {}, False, None),
+        (("docs",), {}, True, ["bash"]),
+        (("docs", "hello"), {"hello": "hello"}, False, None),  # two packages: no guess
+        (("docs", "hello"), {"hello": "hello"}, True, ["bash"]),
+        ((), {}, False, None),
+    ],
+)
+def test_the_command(
+    requested: tuple[str, ...], programs: dict[str, str], has_bash: bool, cmd: list[str] | None
+) -> None:
+    assert command(requested, programs, has_bash) == cmd
+
+
 def test_manifest_structure() -> None:
-    config = build_config(arch=Arch.AMD64, layers=LAYERS, has_bash=False)
+    config = build_config(arch=Arch.AMD64, layers=LAYERS)
     config_digest = sha256_digest(config)
     manifest = json.loads(
         build_manifest(config_digest=config_digest, config_size=len(config), layers=LAYERS)
@@ -77,10 +108,11 @@ def test_manifest_structure() -> None:
 
 def test_golden_bytes_and_digests() -> None:
     """Byte-for-byte: a change here changes every image digest we have ever served."""
-    config = build_config(arch=Arch.AMD64, layers=LAYERS[:1], has_bash=True)
+    config = build_config(arch=Arch.AMD64, layers=LAYERS[:1], cmd=["bash"])
     assert config == (
         b'{"architecture":"amd64","config":{"Cmd":["bash"],"Env":'
         b'["SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt","PATH=/bin:/usr/bin"]},'
+        b'"created":"1970-01-01T00:00:01Z",'
         b'"os":"linux","rootfs":{"diff_ids":["' + LAYERS[0].diff_id.encode() + b'"],'
         b'"type":"layers"}}'
     )
@@ -97,16 +129,16 @@ def test_golden_bytes_and_digests() -> None:
         b'"mediaType":"application/vnd.docker.distribution.manifest.v2+json","schemaVersion":2}'
     )
     assert sha256_digest(config) == (
-        "sha256:37a64e2c321917b170d0e17fb1786964848ecf72d6b0ddec80c5bc8c02e48738"
+        "sha256:277ab29a23a73c613693cb751eb6d4c395fef5c5ef47bcbb3f3f8ad723b867a0"
     )
     assert sha256_digest(manifest) == (
-        "sha256:33fae8e7ba2a0f243afddde07cdb24fa37dc7b7374e32cf90389ffa8c1a63d3d"
+        "sha256:8f9ac60450f92f294e67bbfa15f7bf89ff33662ff4c5d4ca7baa44fe2532992e"
     )
 
 
 def test_same_input_same_bytes() -> None:
-    first = build_config(arch=Arch.AMD64, layers=LAYERS, has_bash=True)
-    second = build_config(arch=Arch.AMD64, layers=list(LAYERS), has_bash=True)
+    first = build_config(arch=Arch.AMD64, layers=LAYERS, cmd=["bash"])
+    second = build_config(arch=Arch.AMD64, layers=list(LAYERS), cmd=["bash"])
     assert first == second
     assert build_manifest(config_digest=sha256_digest(first), config_size=1, layers=LAYERS) == (
         build_manifest(config_digest=sha256_digest(second), config_size=1, layers=list(LAYERS))
@@ -115,7 +147,7 @@ def test_same_input_same_bytes() -> None:
 
 def test_layer_order_is_preserved_in_both_documents() -> None:
     reordered = (LAYERS[2], LAYERS[0], LAYERS[1])
-    config = json.loads(build_config(arch=Arch.AMD64, layers=reordered, has_bash=False))
+    config = json.loads(build_config(arch=Arch.AMD64, layers=reordered))
     assert config["rootfs"]["diff_ids"] == [layer.diff_id for layer in reordered]
     manifest = json.loads(
         build_manifest(config_digest=LAYERS[0].digest, config_size=5, layers=reordered)
@@ -131,7 +163,7 @@ layer_blobs = st.builds(LayerBlob, digest=digests, diff_id=digests, size=st.inte
 
 @given(st.lists(layer_blobs, max_size=20), st.sampled_from(Arch), st.booleans())
 def test_json_round_trip(layers: list[LayerBlob], arch: Arch, has_bash: bool) -> None:
-    config = build_config(arch=arch, layers=layers, has_bash=has_bash)
+    config = build_config(arch=arch, layers=layers, cmd=["bash"] if has_bash else None)
     decoded = json.loads(config)
     assert canonical_json(decoded) == config
     assert decoded["rootfs"]["diff_ids"] == [layer.diff_id for layer in layers]
@@ -149,7 +181,7 @@ def test_json_round_trip(layers: list[LayerBlob], arch: Arch, has_bash: bool) ->
 
 
 def test_bytes_are_ascii_and_compact() -> None:
-    config = build_config(arch=Arch.AMD64, layers=LAYERS, has_bash=True)
+    config = build_config(arch=Arch.AMD64, layers=LAYERS, cmd=["bash"])
     config.decode("ascii")
     assert b" " not in config.replace(b"SSL_CERT_FILE", b"")
     assert b"\n" not in config
@@ -177,7 +209,7 @@ def test_manifest_rejects_bad_config_digest() -> None:
 
 
 def test_the_oci_manifest_names_the_same_blobs_with_oci_types() -> None:
-    config = build_config(arch=Arch.AMD64, layers=LAYERS, has_bash=False)
+    config = build_config(arch=Arch.AMD64, layers=LAYERS)
     kwargs = {"config_digest": sha256_digest(config), "config_size": len(config), "layers": LAYERS}
     docker = build_manifest(**kwargs)  # type: ignore[arg-type]
     oci = build_manifest(**kwargs, fmt=Format.OCI)  # type: ignore[arg-type]
