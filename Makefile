@@ -13,7 +13,7 @@ export NIX_CONFIG ?= substituters =
 SERVE_APT := nix-bin busybox-static ca-certificates netbase git
 # The test suite runs the quick benchmarks, so their peers are test packages too.
 TEST_APT := skopeo umoci containerd runc podman conmon fuse-overlayfs uidmap gzip \
-	nginx-light wrk docker-registry
+	nginx-light wrk docker-registry docker.io
 
 .PHONY: help serve test bench lint system-deps test-system-deps clean
 

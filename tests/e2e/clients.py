@@ -1,7 +1,8 @@
 """Real container clients driven by the end-to-end tests.
 
-skopeo, umoci, containerd's ctr and podman, each with its state under a
-temporary directory, talking plain HTTP to 127.0.0.1 only.
+skopeo, umoci, containerd's ctr, podman and Docker's own daemon (Debian's
+docker.io), each with its state under a temporary directory, talking plain
+HTTP to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -142,3 +143,42 @@ def podman(
         timeout=timeout,
         check=check,
     )
+
+
+@dataclass
+class Dockerd:
+    """A private Docker daemon: own data and exec roots and socket, no networking
+    of its own (no iptables, no bridge); it starts its own containerd."""
+
+    process: subprocess.Popen[bytes]
+    socket: str
+    workdir: Path
+
+    def docker(
+        self, *argv: str, timeout: float = 300, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        return run(["docker", "-H", f"unix://{self.socket}", *argv], timeout=timeout, check=check)
+
+    def stop(self) -> None:
+        stop_process(self.process, grace=30)
+
+
+def start_dockerd(workdir: Path) -> Dockerd:
+    workdir.mkdir(parents=True, exist_ok=True)
+    sock = str(workdir / "docker.sock")
+    log = open(workdir / "dockerd.log", "wb")  # noqa: SIM115 - lives with the process
+    process = subprocess.Popen(
+        ["dockerd", "--data-root", str(workdir / "root"), "--exec-root", str(workdir / "exec"),
+         "--pidfile", str(workdir / "docker.pid"), "-H", f"unix://{sock}",
+         "--iptables=false", "--ip6tables=false", "--bridge=none"],
+        stdout=log, stderr=log,
+    )  # fmt: skip
+    daemon = Dockerd(process, sock, workdir)
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError((workdir / "dockerd.log").read_text())
+        return Path(sock).exists() and daemon.docker("version", check=False).returncode == 0
+
+    wait_for(ready, 60, "dockerd to start", interval=0.2)
+    return daemon

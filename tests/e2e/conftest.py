@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from .clients import Containerd, start_containerd
+from .clients import Containerd, Dockerd, start_containerd, start_dockerd
 from .server import Server, start_server
 
 
@@ -22,5 +22,12 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]
     # A short path: the socket path must fit in sun_path (108 bytes).
     workdir = Path(tmp_path_factory.mktemp("ctrd"))
     daemon = start_containerd(workdir)
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dockerd]:
+    daemon = start_dockerd(Path(tmp_path_factory.mktemp("dk")))
     yield daemon
     daemon.stop()

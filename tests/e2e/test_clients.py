@@ -6,8 +6,11 @@ import json
 import tempfile
 from pathlib import Path
 
+import httpx
+
 from .clients import (
     Containerd,
+    Dockerd,
     chroot,
     podman,
     run,
@@ -93,6 +96,31 @@ def test_podman_runs_a_nonroot_image_as_its_user(server: Server) -> None:
             ref, "/bin/sh", "-c", "id -u; id -un; echo home > ~/file && cat ~/file; pwd",
         )  # fmt: skip
         assert result.stdout.split("\n")[:3] == ["65532", "nonroot", "home"]
+
+
+def test_docker_pulls_runs_and_tells_the_history(server: Server, dockerd: Dockerd) -> None:
+    ref = f"{server.host}/hello:latest"
+    dockerd.docker("pull", ref)
+    # No command given: the image's own, hello's meta.mainProgram.
+    run_hello = dockerd.docker("run", "--rm", "--network", "none", ref, timeout=120)
+    assert run_hello.stdout == "Hello, world!\n"
+    inspected = json.loads(dockerd.docker("image", "inspect", ref).stdout)[0]
+    assert inspected["Created"] == "1970-01-01T00:00:01Z"
+    assert inspected["Config"]["Cmd"] == ["/bin/hello"]
+    history = dockerd.docker("history", "--no-trunc", "--format", "{{.CreatedBy}}", ref).stdout
+    assert "nix store paths: /nix/store/" in history and "-hello" in history
+    # Docker takes OCI manifests, so it got the OCI one; by digest too.
+    digest = inspected["RepoDigests"][0].split("@", 1)[1]
+    oci = httpx.get(f"{server.url}/v2/hello/manifests/latest", timeout=60,
+                    headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})  # fmt: skip
+    assert oci.headers["docker-content-digest"] == digest
+    dockerd.docker("pull", f"{server.host}/hello@{digest}")
+    # A nonroot image runs as its user.
+    who = dockerd.docker(
+        "run", "--rm", "--network", "none", f"{server.host}/shell/nonroot/hello",
+        "sh", "-c", "id -u; hello", timeout=120,
+    ).stdout  # fmt: skip
+    assert who == "65532\nHello, world!\n"
 
 
 def test_missing_package_reaches_the_client(server: Server, tmp_path: Path) -> None:
