@@ -13,9 +13,12 @@ export NIX_CONFIG ?= substituters =
 SERVE_APT := nix-bin busybox-static ca-certificates netbase git
 # The test suite runs the quick benchmarks, so their peers are test packages too.
 TEST_APT := skopeo umoci containerd runc podman conmon fuse-overlayfs uidmap gzip \
-	nginx-light wrk docker-registry docker.io
+	nginx-light wrk docker-registry docker.io qemu-user-static binfmt-support zstd
+# The demo package set's aarch64 payload (see nix/demo/default.nix).
+DEMO_ARM64_DIR := nix/demo/arm64
+DEMO_ARM64_BUSYBOX := $(DEMO_ARM64_DIR)/bin/busybox
 
-.PHONY: help serve test bench lint system-deps test-system-deps clean
+.PHONY: help serve test bench lint system-deps test-system-deps demo-arm64 clean
 
 help:
 	@echo "make serve   install what is missing, serve nix/demo on $(LISTEN)"
@@ -41,13 +44,27 @@ system-deps:
 test-system-deps: system-deps
 	$(call apt_install,$(TEST_APT))
 
+# Debian's static busybox for arm64, unpacked from its .deb and never
+# installed: the demo package set ships it as the payload of its aarch64
+# packages, which are all built on this machine. Adding the architecture
+# only lets apt see arm64 packages; nothing arm64 gets installed.
+$(DEMO_ARM64_BUSYBOX):
+	@dpkg --print-foreign-architectures | grep -qx arm64 || dpkg --add-architecture arm64
+	apt-get update -q
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  (cd "$$tmp" && apt-get download -q -o APT::Sandbox::User=root busybox-static:arm64) && \
+	  dpkg-deb -x "$$tmp"/busybox-static_*_arm64.deb "$$tmp/root" && \
+	  mkdir -p $(@D) && cp "$$tmp/root/bin/busybox" $@.tmp && mv $@.tmp $@
+
+demo-arm64: $(DEMO_ARM64_BUSYBOX)
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 
-serve: system-deps $(VENV)/.installed
+serve: system-deps $(DEMO_ARM64_BUSYBOX) $(VENV)/.installed
 	$(VENV)/bin/nixery-trio serve --listen $(LISTEN) --pkgs-path nix/demo \
 	  --storage-path $(STORAGE) --popularity-url nix/demo/popularity.json
 
@@ -55,7 +72,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check nixery_trio tests $(wildcard benchmarks)
 	$(VENV)/bin/mypy
 
-test: test-system-deps $(VENV)/.installed lint
+test: test-system-deps $(DEMO_ARM64_BUSYBOX) $(VENV)/.installed lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
@@ -66,4 +83,4 @@ bench: test-system-deps $(VENV)/.bench-installed
 	$(VENV)/bin/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) $(STORAGE)
+	rm -rf $(VENV) $(STORAGE) $(DEMO_ARM64_DIR)
