@@ -16,27 +16,61 @@
 #
 # Called as nixpkgs is, `import ./. { inherit system; config = {}; overlays = []; }`,
 # so it takes the system and ignores the rest.
+#
+# Two systems: the host's, and aarch64-linux. Nix here cannot run an aarch64
+# builder (no remote builders, no extra-platforms), and none is needed: a
+# package only writes text and links, so the host's busybox builds every
+# package for either system, and only the payload differs. For aarch64 the
+# payload is Debian's static busybox for arm64 (fetched by `make demo-arm64`
+# into ./arm64, which is not committed): it is the interpreter in the
+# scripts' shebangs, the target of the applet links, the blobs of `large`,
+# and the `busybox` package itself. Every derivation still says
+# `system = builtins.currentSystem`, so Nix builds it here. For the host's
+# own system, payload and builder are one busybox, and the derivations are
+# exactly those of a set that knows one system (same store paths).
 { system ? builtins.currentSystem, ... }:
 let
-  # The host's busybox as a store directory holding bin/busybox. It has to be
+  hostSystem = builtins.currentSystem;
+
+  # A busybox binary as a store directory holding bin/busybox. It has to be
   # a file named `busybox` in a directory: busybox picks its applet from the
   # name it was called by, and a store path named `<hash>-busybox` is not one.
-  busybox = storeImport "busybox" (builtins.path {
-    path = /usr;
+  busyboxIn = dir: storeImport "busybox" (builtins.path {
+    path = dir;
     name = "busybox";
-    filter = path: type: path == "/usr/bin" || path == "/usr/bin/busybox";
+    filter = path: type: path == "${toString dir}/bin" || path == "${toString dir}/bin/busybox";
   });
+
+  # The host's busybox (Debian's busybox-static): the builder of everything.
+  hostBusybox = busyboxIn /usr;
+  hostBb = "${hostBusybox}/bin/busybox";
+
+  arm64Busybox =
+    if builtins.pathExists ./arm64/bin/busybox then busyboxIn ./arm64
+    else throw ("nix/demo: the aarch64-linux packages need the arm64 busybox at "
+      + "${toString ./.}/arm64/bin/busybox, which is missing; `make demo-arm64` "
+      + "fetches it (make serve and make test do too). A git source has it only "
+      + "if it is committed.");
+
+  # The busybox that the packages carry and run at run time.
+  busybox =
+    if system == hostSystem then hostBusybox
+    else if system == "aarch64-linux" then arm64Busybox
+    else throw ("nix/demo: no packages for system '${system}': only for this "
+      + "machine's (${hostSystem}) and aarch64-linux");
   bb = "${busybox}/bin/busybox";
 
   # A package that needs no build step (see store-import.nix).
   storeImport = import ./store-import.nix;
 
-  # A derivation built by busybox sh running `script`. Extra attributes reach
-  # the script as environment variables, so data never becomes shell code.
+  # A derivation built here by the host's busybox sh running `script`, for
+  # any `system`. Extra attributes reach the script as environment
+  # variables, so data never becomes shell code. The script runs the host's
+  # binary and must not run `bb`, which may be another machine's.
   runBusybox = { name, script, ... }@attrs:
     derivation (builtins.removeAttrs attrs [ "script" ] // {
-      inherit system;
-      builder = bb;
+      system = hostSystem;
+      builder = hostBb;
       args = [ "sh" "-eu" "-c" script ];
     });
 
@@ -193,10 +227,10 @@ in
     scripts."1password" = "${bb} echo '1password stand-in'\n";
   };
 
-  # About 55 MB: 28 copies of busybox, each behind its own header line so no
-  # two files are equal. Built, not imported, so that nothing is read or hashed
-  # until an image asks for it, and so that it is the same on every machine
-  # that has the same busybox.
+  # About 55 MB (52 for aarch64): 28 copies of the payload busybox, each
+  # behind its own header line so no two files are equal. Built, not
+  # imported, so that nothing is read or hashed until an image asks for it,
+  # and so that it is the same on every machine that has the same busybox.
   large = runBusybox {
     name = "large";
     script = ''
@@ -222,10 +256,10 @@ in
     name = "slow";
     NONCE = nonce;
     script = ''
-      ${bb} sleep 2
-      ${bb} mkdir -p "$out/bin"
-      ${bb} printf '#!%s sh\n%s echo slow %s\n' ${bb} ${bb} "$NONCE" > "$out/bin/slow"
-      ${bb} chmod +x "$out/bin/slow"
+      ${hostBb} sleep 2
+      ${hostBb} mkdir -p "$out/bin"
+      ${hostBb} printf '#!%s sh\n%s echo slow %s\n' ${bb} ${bb} "$NONCE" > "$out/bin/slow"
+      ${hostBb} chmod +x "$out/bin/slow"
     '';
   };
 
@@ -233,7 +267,7 @@ in
   hang = runBusybox {
     name = "hang";
     NONCE = nonce;
-    script = "exec ${bb} sleep 86400";
+    script = "exec ${hostBb} sleep 86400";
   };
 
   # Like a nixpkgs alias of a removed package: evaluating it throws.
