@@ -22,7 +22,7 @@ divided by the wall time, for every row, so all rows divide the same bytes.
 The deflate engine runs only on threads of its own here, as in the layer
 writer: ISA-L leaves a thread's vector registers in a state that makes
 SHA-256 a quarter slower on that thread, and on the threads it starts,
-from then on (see ``nixery_trio.archive._GzipBlocks``).  The timed layer
+from then on (see ``nixery_trio.archive._Blocks``).  The timed layer
 writes start from the main thread, which never runs it, as the server's
 worker threads do not.
 

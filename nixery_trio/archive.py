@@ -1,4 +1,4 @@
-"""Store paths to a gzipped tar layer in the CAS, in one pass.
+"""Store paths to a gzipped (or zstd) tar layer in the CAS, in one pass.
 
 ::
 
@@ -46,6 +46,15 @@ and its digest, are the same on every run and whatever the thread count;
 one thread and eight give identical blobs.  (Across machines they are the
 same as long as the deflate engine is: ISA-L picks CPU-specific kernels.)
 
+**zstd** (for images that ask for it, ``zstd/...``) cuts the same tar
+blocks and compresses each one as a zstd frame of its own, at
+:data:`ZSTD_LEVEL`, with its content size and checksum in the frame; the
+frames, concatenated, are the layer (zstd's format allows any number of
+frames, and every decoder reads them as one stream).  A frame cannot look
+back into the one before, so the layer is a little bigger than one stream
+would be, but each frame is again a pure function of its block: the same
+bytes whatever the thread count.
+
 The calling thread reads the files into blocks and hashes them (the
 diff_id); up to ``threads`` deflate threads compress the blocks; one writer
 thread takes their outputs in block order, hashes them (the digest) and
@@ -77,6 +86,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
+import zstandard
 from isal import isal_zlib
 
 from .cas import CAS
@@ -105,6 +115,10 @@ DEFAULT_LEVELS = {"isal": 2, "zlib": 6, "zlib-ng": 6}
 _ZLIB_NG = "zlib_ng.zlib_ng"
 #: The deflate engine used unless configured otherwise.
 DEFAULT_ENGINE = "isal"
+#: Layer compressions: gzip for every client, zstd for OCI clients that take it.
+COMPRESSIONS = ("gzip", "zstd")
+#: zstd's level for layers (its default): part of the output format.
+ZSTD_LEVEL = 3
 #: Blocks in flight per deflate thread (read, being deflated, or waiting to
 #: be written): enough that neither the deflate threads nor the calling
 #: thread wait for the other when the scheduler gives one of them a little
@@ -242,16 +256,17 @@ def _zlib_compressor(module: object, level: int) -> BlockCompressor:
 # The gzip side: blocks in, one gzip member out, hashed and counted.
 
 
-class _GzipBlocks:
-    """Deflates tar blocks in worker threads and writes them, in order, as one gzip member.
+class _Blocks:
+    """Compresses tar blocks in worker threads and writes their outputs in block order.
 
     Three kinds of thread share the work: the calling thread builds the tar
-    and hashes it, ``threads`` deflate threads compress blocks, and one
+    and hashes it, ``threads`` compression threads compress blocks, and one
     writer thread takes each block's output in block order, hashes it and
     writes it (the calling thread writes the header before the first block
-    is submitted and the trailer after the last is collected).
+    is submitted and the trailer after the last is collected).  Subclasses
+    say how a block is compressed and what frames the blocks.
 
-    The deflate engine never runs on the calling or the writer thread:
+    The compression engine never runs on the calling or the writer thread:
     ISA-L's AVX-512 code returns with the upper halves of the vector
     registers dirty (no ``vzeroupper``), and from then on, in that thread
     and in every thread it starts, the SHA-NI code of SHA-256 (legacy SSE
@@ -259,58 +274,110 @@ class _GzipBlocks:
     on the AMD EPYC of docs/benchmarks.md.
     """
 
-    def __init__(self, out: Writable, deflate: Deflate) -> None:
+    def __init__(self, out: Writable, threads: int) -> None:
         self._write_out = out.write
-        self._compress = block_compressor(deflate.engine, deflate.level)
-        self._max_in_flight = deflate.threads * BLOCKS_PER_THREAD
+        self._max_in_flight = threads * BLOCKS_PER_THREAD
         # Neither starts a thread before its first block.
-        self._deflaters = ThreadPoolExecutor(deflate.threads, "deflate")
-        self._writer = ThreadPoolExecutor(1, "gzip-writer")
+        self._compressors = ThreadPoolExecutor(threads, "compress")
+        self._writer = ThreadPoolExecutor(1, "layer-writer")
         # Each block's write, with the block it keeps busy until then.
         self._in_flight: deque[tuple[Future[None], bytearray]] = deque()
         self.spare: list[bytearray] = []
         self.digest = hashlib.sha256()
         self.size = 0
-        self._crc = 0
-        self._tar_size = 0
-        self._emit(_GZIP_HEADER)
+
+    def _compress(self, block: memoryview, dictionary: bytes) -> object:
+        """Compress one block (on a compression thread); what :meth:`_output` takes."""
+        raise NotImplementedError
+
+    def _output(self, compressed: object, length: int) -> bytes:
+        """A compressed block's bytes in the layer (on the writer thread, in block order)."""
+        raise NotImplementedError
+
+    def _trailer(self) -> bytes:
+        return b""
 
     def submit(self, block: bytearray, length: int, dictionary: bytes) -> None:
-        """Deflate ``block[:length]``; ``block`` is handed over until it comes back in ``spare``."""
+        """Compress ``block[:length]``; ``block`` is lent until it comes back in ``spare``."""
         while len(self._in_flight) >= self._max_in_flight:
             self._collect_oldest()
-        compressed = self._deflaters.submit(self._compress, memoryview(block)[:length], dictionary)
+        compressed = self._compressors.submit(
+            self._compress, memoryview(block)[:length], dictionary
+        )
         # One writer thread runs the writes in submission order: block order.
         written = self._writer.submit(self._write_block, compressed, length)
         self._in_flight.append((written, block))
 
     def finish(self) -> None:
-        """Wait for every block, then end the deflate stream and the gzip member."""
+        """Wait for every block, then end the layer."""
         while self._in_flight:
             self._collect_oldest()
-        self._emit(_FINAL_BLOCK)
-        self._emit(struct.pack("<II", self._crc, self._tar_size & 0xFFFFFFFF))
+        self._emit(self._trailer())
 
     def close(self) -> None:
         """Stop the threads (after an error, without waiting for queued blocks)."""
-        self._deflaters.shutdown(wait=True, cancel_futures=True)
+        self._compressors.shutdown(wait=True, cancel_futures=True)
         self._writer.shutdown(wait=True, cancel_futures=True)
 
     def _collect_oldest(self) -> None:
         written, block = self._in_flight.popleft()
-        written.result()  # raises the block's deflate or write error
+        written.result()  # raises the block's compression or write error
         self.spare.append(block)
 
-    def _write_block(self, compressed: Future[tuple[bytes, int]], length: int) -> None:
-        data, crc = compressed.result()
-        self._crc = isal_zlib.crc32_combine(self._crc, crc, length)
-        self._tar_size += length
-        self._emit(data)
+    def _write_block(self, compressed: Future[object], length: int) -> None:
+        self._emit(self._output(compressed.result(), length))
 
     def _emit(self, data: bytes) -> None:
         self.digest.update(data)
         self.size += len(data)
         self._write_out(data)
+
+
+class _GzipBlocks(_Blocks):
+    """One gzip member: header, the blocks' deflate streams, a final block, CRC and size."""
+
+    def __init__(self, out: Writable, deflate: Deflate) -> None:
+        super().__init__(out, deflate.threads)
+        self._deflate = block_compressor(deflate.engine, deflate.level)
+        self._crc = 0
+        self._tar_size = 0
+        self._emit(_GZIP_HEADER)
+
+    def _compress(self, block: memoryview, dictionary: bytes) -> object:
+        return self._deflate(block, dictionary)
+
+    def _output(self, compressed: object, length: int) -> bytes:
+        data: bytes
+        crc: int
+        data, crc = compressed  # type: ignore[misc]
+        self._crc = isal_zlib.crc32_combine(self._crc, crc, length)
+        self._tar_size += length
+        return data
+
+    def _trailer(self) -> bytes:
+        return _FINAL_BLOCK + struct.pack("<II", self._crc, self._tar_size & 0xFFFFFFFF)
+
+
+class _ZstdBlocks(_Blocks):
+    """One zstd frame per block (independent: the dictionary is not used)."""
+
+    def __init__(self, out: Writable, deflate: Deflate) -> None:
+        super().__init__(out, deflate.threads)
+        self._local = threading.local()
+
+    def _compress(self, block: memoryview, dictionary: bytes) -> object:
+        # A compressor is not thread safe; each thread keeps its own.  It
+        # releases the GIL while it compresses.
+        compressor = getattr(self._local, "compressor", None)
+        if compressor is None:
+            compressor = zstandard.ZstdCompressor(
+                level=ZSTD_LEVEL, write_checksum=True, write_content_size=True
+            )
+            self._local.compressor = compressor
+        return compressor.compress(block)
+
+    def _output(self, compressed: object, length: int) -> bytes:
+        return compressed  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------
@@ -320,8 +387,8 @@ class _GzipBlocks:
 class _TarBlocks:
     """Builds the tar stream straight into fixed-size blocks and hashes it."""
 
-    def __init__(self, gzip: _GzipBlocks, read_size: int) -> None:
-        self._gzip = gzip
+    def __init__(self, blocks: _Blocks, read_size: int) -> None:
+        self._blocks = blocks
         self._read_size = read_size
         self.diff_id = hashlib.sha256()
         self._block = bytearray(BLOCK_SIZE)
@@ -363,9 +430,9 @@ class _TarBlocks:
         self.diff_id.update(self._view[:length])
         dictionary = bytes(self._view[max(0, length - WINDOW_SIZE) : length])
         self._view.release()
-        self._gzip.submit(block, length, self._dictionary)
+        self._blocks.submit(block, length, self._dictionary)
         self._dictionary = dictionary
-        self._block = self._gzip.spare.pop() if self._gzip.spare else bytearray(BLOCK_SIZE)
+        self._block = self._blocks.spare.pop() if self._blocks.spare else bytearray(BLOCK_SIZE)
         self._view = memoryview(self._block)
         self._fill = 0
 
@@ -543,20 +610,28 @@ def _write_tar(entries: Iterable[Entry], tar: _TarBlocks) -> None:
     tar.write(bytes(2 * _TAR_BLOCK))
 
 
-def write_layer_to(out: Writable, entries: Iterable[Entry], deflate: Deflate) -> LayerBlob:
-    """Write ``entries`` as a gzipped tar to ``out``; return its digest, diff_id and size."""
-    gzip = _GzipBlocks(out, deflate)
+def write_layer_to(
+    out: Writable, entries: Iterable[Entry], deflate: Deflate, compression: str = "gzip"
+) -> LayerBlob:
+    """Write ``entries`` as a compressed tar to ``out``; return its digest, diff_id and size.
+
+    ``compression`` is one of :data:`COMPRESSIONS`; ``deflate`` gives the
+    threads and read size (and, for gzip, the engine and level).
+    """
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"unknown compression {compression!r}; one of {', '.join(COMPRESSIONS)}")
+    blocks: _Blocks = (_GzipBlocks if compression == "gzip" else _ZstdBlocks)(out, deflate)
     try:
-        tar = _TarBlocks(gzip, deflate.read_size)
+        tar = _TarBlocks(blocks, deflate.read_size)
         _write_tar(entries, tar)
         tar.finish()
-        gzip.finish()
+        blocks.finish()
     finally:
-        gzip.close()
+        blocks.close()
     return LayerBlob(
-        digest="sha256:" + gzip.digest.hexdigest(),
+        digest="sha256:" + blocks.digest.hexdigest(),
         diff_id="sha256:" + tar.diff_id.hexdigest(),
-        size=gzip.size,
+        size=blocks.size,
     )
 
 
@@ -566,17 +641,19 @@ def write_layer(
     level: int | None = None,
     *,
     deflate: Deflate | None = None,
+    compression: str = "gzip",
 ) -> LayerBlob:
-    """Stream ``entries`` as a gzipped tar into the CAS; return the blob.
+    """Stream ``entries`` as a compressed tar into the CAS; return the blob.
 
     ``deflate`` says how to compress; ``level`` alone means the default
-    engine at that level, on one thread.
+    engine at that level, on one thread.  ``compression`` is ``gzip`` or
+    ``zstd``.
     """
     if deflate is None:
         deflate = Deflate() if level is None else Deflate(level=level)
     elif level is not None and level != deflate.level:
         raise ValueError("give the level in deflate, not both")
     with cas.writer() as blob:
-        layer = write_layer_to(blob, entries, deflate)
+        layer = write_layer_to(blob, entries, deflate, compression)
         blob.commit(layer.digest)
     return layer

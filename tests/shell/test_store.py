@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
+import zstandard
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -331,10 +332,48 @@ def test_threaded_deflate_is_byte_identical(
     assert (data, again) == (reference, blob)
 
 
+def test_zstd_layers_are_the_same_tar_and_byte_identical_whatever_the_threads(
+    multi_block_paths: list[str],
+) -> None:
+    gzipped, gzip_blob = _layer(multi_block_paths, archive.Deflate(threads=2))
+    tar_bytes = gzip.decompress(gzipped)
+
+    def zstd_layer(deflate: archive.Deflate) -> tuple[bytes, LayerBlob]:
+        out = io.BytesIO()
+        entries = archive.store_path_entries(multi_block_paths)
+        blob = archive.write_layer_to(out, entries, deflate, "zstd")
+        return out.getvalue(), blob
+
+    reference, blob = zstd_layer(archive.Deflate(threads=1))
+    assert reference[:4] == b"\x28\xb5\x2f\xfd"  # a zstd frame
+    assert blob.digest == "sha256:" + hashlib.sha256(reference).hexdigest()
+    assert blob.size == len(reference) < len(tar_bytes) // 2
+    # The uncompressed tar is the gzip layer's, so the diff_id is shared.
+    assert blob.diff_id == gzip_blob.diff_id
+    unpacked = subprocess.run(["zstd", "-dc"], input=reference, capture_output=True, check=True)
+    assert unpacked.stdout == tar_bytes
+    # One frame per block, each saying its size: as many as the tar has blocks.
+    sizes = []
+    rest = reference
+    while rest:
+        sizes.append(zstandard.get_frame_parameters(rest).content_size)
+        reader = zstandard.ZstdDecompressor().decompressobj()
+        reader.decompress(rest)
+        rest = reader.unused_data
+    whole, last = divmod(len(tar_bytes), archive.BLOCK_SIZE)
+    assert sizes == [archive.BLOCK_SIZE] * whole + ([last] if last else [])
+    assert len(sizes) > 3
+    for threads, read_size in [(2, 4096), (3, archive.READ_SIZE), (8, 100_000)]:
+        again = zstd_layer(archive.Deflate(threads=threads, read_size=read_size))
+        assert again == (reference, blob), (threads, read_size)
+    with pytest.raises(ValueError, match="unknown compression"):
+        archive.write_layer_to(io.BytesIO(), [], archive.Deflate(), "lz4")
+
+
 def test_deflate_never_runs_on_the_calling_thread(
     multi_block_paths: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # ISA-L would slow the caller's SHA-256 from then on (see archive._GzipBlocks).
+    # ISA-L would slow the caller's SHA-256 from then on (see archive._Blocks).
     one_block = tmp_path / "nix" / "store" / ("d" * 32 + "-tiny")
     one_block.mkdir(parents=True)
     (one_block / "f").write_bytes(b"tiny")
