@@ -20,6 +20,11 @@ server's worker processes (``locks.KeyLocks``) a flight first takes a lock
 file for its key and looks in the cache again, so a second process waits for
 the first one's result instead of repeating its work.
 
+A registry serving several platforms (``NIXERY_PLATFORMS``) answers a tag
+with an index: each platform's image is built as above, with its own single
+flight and cache entry, all in one nursery, and the index naming them is
+stored beside them (it is a pure function of their manifests).
+
 Nix runs at most ``NIXERY_MAX_BUILDS`` times at once across the workers
 (``locks.BuildSlots``); a build waiting for its turn is dropped when every
 client that wanted it has left.  Packages that Nix could not find are
@@ -30,6 +35,7 @@ a misspelt name runs Nix once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -48,7 +54,7 @@ from .cas import CAS
 from .config import Config
 from .digest import sha256_digest
 from .errors import ManifestUnknown, RegistryError
-from .image import Image, parse_image
+from .image import Arch, Image, parse_image
 from .layers import group_layers
 from .locks import BuildSlots, KeyLocks
 from .manifest import (
@@ -56,11 +62,14 @@ from .manifest import (
     Format,
     LayerBlob,
     build_config,
+    build_index,
     build_manifest,
     command,
     convert_manifest,
-    manifest_format,
+    document_type,
+    index_formats,
     manifest_refs,
+    negotiate,
 )
 from .rootfs import user
 from .sources import COMMIT, LATEST, GitSource, PathSource
@@ -170,6 +179,13 @@ class SingleFlight(Generic[T]):
             flight.done.set()
 
 
+def _index_key(found: list[ImageManifests]) -> str:
+    """The memory key of the indexes over these platform manifests (in order)."""
+    return "index " + " ".join(
+        manifest.digest for manifests in found for manifest in manifests.by_format.values()
+    )
+
+
 async def _recorded(index: RecordIndex, look_up: Callable[[str], T | None], key: str) -> T | None:
     """``look_up(key)`` in a worker thread, unless ``index`` has no record for it.
 
@@ -201,11 +217,15 @@ def first_registry_error(group: BaseExceptionGroup[BaseException]) -> BaseExcept
 
 @dataclass(frozen=True)
 class Manifest:
-    """A manifest as served: its bytes, digest and media type."""
+    """A manifest (or index) as served: its bytes, digest and media type."""
 
     data: bytes
     digest: str
     media_type: str
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
 
 
 @dataclass(frozen=True)
@@ -218,12 +238,33 @@ class ImageSettings:
 
 @dataclass(frozen=True)
 class ImageManifests:
-    """An image's manifests, one per format (see ``manifest.negotiate``)."""
+    """An image's manifests, one per format it has (a zstd image has no Docker
+    one); for a multi-platform image its indexes, with ``single`` the first
+    platform's manifests, for clients that take no index."""
 
     by_format: dict[Format, Manifest]
+    single: ImageManifests | None = None
 
-    def pick(self, fmt: Format) -> Manifest:
-        return self.by_format[fmt]
+    def pick(self, accept: str | None, oci: bool = True) -> Manifest:
+        """What a request for the tag gets (see ``manifest``'s rules); ``oci``
+        off answers with Docker's formats only.  ManifestUnknown when the
+        client takes none of the formats the image has."""
+        if self.single is not None:
+            for fmt in index_formats(accept):
+                if fmt in self.by_format and (oci or fmt is Format.DOCKER):
+                    return self.by_format[fmt]
+            return self.single.pick(accept, oci)
+        manifest = self.by_format.get(negotiate(accept) if oci else Format.DOCKER)
+        if manifest is None:
+            raise ManifestUnknown(
+                "this image's layers are compressed with zstd, which only OCI manifests can "
+                "hold, and this request "
+                + ("takes only Docker's schema 2 manifests (its Accept header)" if oci
+                   else "gets Docker's schema 2 only (NIXERY_OCI=0)")
+                + "; pull it without zstd/ for gzip layers",
+                {"accept": accept or ""},
+            )  # fmt: skip
+        return manifest
 
 
 class RecentManifests(Generic[V]):
@@ -334,16 +375,79 @@ class Builder:
             return None
         if self._tag_served(tag) is not True:
             return None
-        image_key = self._image_key(image, memo[0])
-        manifests = None if image_key is None else self._recent_images.get(image_key)
+        found = []
+        for platform_image in self.platform_images(image):
+            image_key = self._image_key(platform_image, memo[0])
+            manifests = None if image_key is None else self._recent_images.get(image_key)
+            if manifests is None:
+                return None
+            found.append(manifests)
+        if len(found) > 1:
+            manifests = self._recent_images.get(_index_key(found))
         if manifests is not None:
             logs.info("manifest.cached", image=name, tag=tag)
         return manifests
 
+    def platform_images(self, image: Image) -> list[Image]:
+        """The image once per platform it is served for: the registry's
+        platforms, or the one its name chose (``arm64/...``)."""
+        if image.pinned:
+            return [image]
+        return [dataclasses.replace(image, arch=arch) for arch in self.config.platforms]
+
     async def manifest_for_tag(self, name: str, tag: str) -> ImageManifests:
-        """The manifests of ``name:tag``, building the image when needed."""
+        """The manifests of ``name:tag`` (or its indexes), building what is needed."""
         image = self.parse(name, tag)
         await self._check_tag(name, tag)
+        images = self.platform_images(image)
+        if len(images) == 1:
+            return await self._image_manifests(images[0])
+        found: list[ImageManifests | None] = [None] * len(images)
+
+        async def build(index: int, platform_image: Image) -> None:
+            found[index] = await self._image_manifests(platform_image)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for index, platform_image in enumerate(images):
+                    nursery.start_soon(build, index, platform_image)
+        except BaseExceptionGroup as group:
+            raise first_registry_error(group) from group
+        built = [manifests for manifests in found if manifests is not None]
+        return await self._index(image, built, [i.arch for i in images])
+
+    async def _index(
+        self, image: Image, found: list[ImageManifests], arches: list[Arch]
+    ) -> ImageManifests:
+        """The indexes naming each platform's manifests, stored in the CAS."""
+        key = _index_key(found)
+        cached = self._recent_images.get(key)
+        if cached is not None:
+            return cached
+        documents = {
+            fmt: build_index(fmt, [(m.by_format[fmt], arch) for m, arch in zip(found, arches,
+                                                                              strict=True)])
+            for fmt in Format
+            if all(fmt in manifests.by_format for manifests in found)
+        }  # fmt: skip
+        digests = await trio.to_thread.run_sync(self._store_documents, list(documents.values()))
+        indexes = ImageManifests(
+            {fmt: Manifest(data, digest, fmt.index_type)
+             for (fmt, data), digest in zip(documents.items(), digests, strict=True)},
+            single=found[0],
+        )  # fmt: skip
+        stored = {fmt.name.lower(): m.digest for fmt, m in indexes.by_format.items()}
+        logs.info("index.stored", image=image.name, tag=image.tag, digests=stored)
+        self._recent_images.put(key, indexes)
+        return indexes
+
+    def _store_documents(self, documents: list[bytes]) -> list[str]:
+        with self.cas.lock.held():
+            return self.cas.put_many(documents)
+
+    async def _image_manifests(self, image: Image) -> ImageManifests:
+        """The manifests of one platform's image, building it when needed."""
+        name, tag = image.name, image.tag
         asked_at = trio.current_time()
         image_key = self._image_key(image, await self._source_key(tag))
         cached = await self._cached(image_key, image.name)
@@ -531,15 +635,19 @@ class Builder:
         """The cached manifests of an image, if they and all their blobs are stored.
 
         A record from before OCI manifests, or one whose OCI manifest gc
-        removed, gets it again from the Docker one (the same blobs).
+        removed, gets it again from the Docker one (the same blobs).  A zstd
+        image's record names its OCI manifest only.
         """
         with self.cas.lock.held():
             digests = self.manifest_cache.get(image_key)
-            docker = None if digests is None else self._load_manifest(digests[Format.DOCKER])
-            if digests is None or docker is None:
+            if digests is None:
                 return None
-            oci_digest = digests.get(Format.OCI)
-            oci = None if oci_digest is None else self._load_manifest(oci_digest)
+            loaded = {fmt: self._load_manifest(digest) for fmt, digest in digests.items()}
+            docker, oci = loaded.get(Format.DOCKER), loaded.get(Format.OCI)
+            if Format.DOCKER not in digests:
+                return None if oci is None else ImageManifests({Format.OCI: oci})
+            if docker is None:
+                return None
             if oci is None:
                 data = convert_manifest(docker.data, Format.OCI)
                 if data is None:
@@ -563,14 +671,16 @@ class Builder:
         data = self.cas.read_bytes(digest, MANIFEST_LIMIT)
         if data is None:
             return None
-        fmt, refs = manifest_format(data), manifest_refs(data)
-        if fmt is None or refs is None or any(self.cas.size(r.digest) != r.size for r in refs):
+        media_type, refs = document_type(data), manifest_refs(data)
+        if media_type is None or refs is None:
+            return None
+        if any(self.cas.size(r.digest) != r.size for r in refs):
             return None
         path = self.cas.path(digest)
         with contextlib.suppress(OSError):
             if time.time() - path.stat().st_mtime > TOUCH_INTERVAL:
                 os.utime(path)
-        return Manifest(data=data, digest=digest, media_type=fmt.manifest_type)
+        return Manifest(data=data, digest=digest, media_type=media_type)
 
     async def _build_once(
         self,
@@ -620,8 +730,11 @@ class Builder:
             result.graph, result.roots, self.popularity,
         )  # fmt: skip
         layered = time.monotonic()
+        # A zstd layer is another blob of the same paths: its own cache key.
+        prefix = "" if image.compression == "gzip" else f"{image.compression}:"
         jobs: list[tuple[str, Entries]] = [
-            (layer.key, partial(archive.store_path_entries, layer.contents)) for layer in layers
+            (prefix + layer.key, partial(archive.store_path_entries, layer.contents))
+            for layer in layers
         ]
         forest = partial(archive.forest_entries, result.forest, image.nonroot)
         forest_key = f"forest:{IMAGE_LAYOUT}:{':'.join(image.variant)}:{result.forest}"
@@ -699,11 +812,10 @@ class Builder:
         )
         config_digest = sha256_digest(config)
         documents = {
-            fmt: build_manifest(
-                config_digest=config_digest, config_size=len(config), layers=layers, fmt=fmt
-            )
-            for fmt in Format
-        }
+            fmt: build_manifest(config_digest=config_digest, config_size=len(config),
+                                layers=layers, fmt=fmt, compression=image.compression)
+            for fmt in (Format if image.compression == "gzip" else [Format.OCI])
+        }  # fmt: skip
         _, *stored = self.cas.put_many([config, *documents.values()])
         digests = dict(zip(documents, stored, strict=True))
         if image_key is not None:
@@ -725,7 +837,8 @@ class Builder:
     async def _write_new_layer(self, image: Image, key: str, entries: Entries) -> LayerBlob:
         started = time.monotonic()
         blob = await trio.to_thread.run_sync(
-            partial(archive.write_layer, self.cas, entries(), deflate=self.config.deflate),
+            partial(archive.write_layer, self.cas, entries(), deflate=self.config.deflate,
+                    compression=image.compression),
             limiter=self._threads,
         )
         await trio.to_thread.run_sync(self.layer_cache.put, key, blob)

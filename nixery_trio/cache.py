@@ -4,7 +4,7 @@ Each cache is a directory of small records, one per key, named by a blake3
 of the key::
 
     index/layers/<blake3(layer key)>       {digest, diff_id, size}
-    index/manifests/<blake3(image key)>    {digest}
+    index/manifests/<blake3(image key)>    {digest, oci, name}
 
 A record is ``blake3(payload) || payload`` with ``payload`` a msgpack map
 that repeats its own key.  It is written to a temporary file and renamed,
@@ -147,7 +147,8 @@ MANIFEST_KEYS = {Format.DOCKER: "digest", Format.OCI: "oci"}
 class ManifestCache:
     """Image key (source cache key, arch, packages) to its manifests' digests, by format.
 
-    A record written before OCI manifests existed names the Docker one only.
+    A record written before OCI manifests existed names the Docker one only;
+    a zstd image's names its OCI one only.
     """
 
     def __init__(self, root: Path, cas: CAS) -> None:
@@ -161,7 +162,7 @@ class ManifestCache:
             return None
         digests = {fmt: record.get(key) for fmt, key in MANIFEST_KEYS.items() if key in record}
         try:
-            present = Format.DOCKER in digests and all(
+            present = bool(digests) and all(
                 isinstance(digest, str) and self.cas.size(digest) is not None
                 for digest in digests.values()
             )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .archive import DEFAULT_LEVELS, ENGINE_LEVELS, READ_SIZE, Deflate, engine_available
 from .errors import ConfigError
+from .image import Arch
 from .sources import ChannelSource, GitSource, PathSource, Source
 
 #: The ``nix/`` directory of this checkout (prepare-image.nix, demo set).
@@ -48,6 +49,7 @@ class Config:
     not_found_ttl: float = 60.0
     any_tag: bool = False
     oci: bool = True
+    platforms: tuple[Arch, ...] = (Arch.AMD64,)
 
     @property
     def deflate(self) -> Deflate:
@@ -170,7 +172,28 @@ SETTINGS: tuple[Setting, ...] = (
         "Docker's schema 2, as Nixery did (0).",
         "1",
     ),
+    Setting(
+        "--platforms",
+        "NIXERY_PLATFORMS",
+        "Platforms every image is built for, comma-separated (linux/amd64, linux/arm64); "
+        "with more than one, a tag answers with an index (arm64/... still gives one arm64 "
+        "image).",
+        "linux/amd64",
+    ),
 )
+
+
+def _platforms(raw: str | None) -> tuple[Arch, ...]:
+    platforms: list[Arch] = []
+    for text in (raw or "linux/amd64").split(","):
+        try:
+            arch = Arch.from_platform(text)
+        except ValueError as exc:
+            raise ConfigError(f"NIXERY_PLATFORMS: {exc}") from None
+        if arch in platforms:
+            raise ConfigError(f"NIXERY_PLATFORMS names {arch.platform} twice")
+        platforms.append(arch)
+    return tuple(platforms)
 
 
 def _int(name: str, raw: str | None, lo: int, hi: int) -> int:
@@ -283,4 +306,5 @@ def make_config(raw: dict[str, str | None]) -> Config:
         not_found_ttl=_seconds("NIXERY_NOT_FOUND_TTL", raw.get("not_found_ttl"), "60"),
         any_tag=bool(_int("NIXERY_ANY_TAG", raw.get("any_tag") or "0", 0, 1)),
         oci=bool(_int("NIXERY_OCI", raw.get("oci") or "1", 0, 1)),
+        platforms=_platforms(raw.get("platforms")),
     )

@@ -26,13 +26,17 @@ turns ``(name, tag)`` into an :class:`Image` following these rules, in order:
    up case-insensitively (``bashinteractive`` finds ``bashInteractive``).
 
 4. **Meta-packages at the front.**  A leading ``arm64`` component selects the
-   ``aarch64-linux`` system and is removed (without it the image is for
-   ``x86_64-linux``).  After that, leading ``shell`` and ``nonroot``
-   components, in either order, are removed: ``shell`` adds
-   ``bashInteractive``, ``coreutils``, ``moreutils`` and ``nano``;
-   ``nonroot`` makes the image run as an unprivileged user with a home
-   directory (``rootfs.py``).  Only that order is recognised:
-   ``shell/arm64/...`` asks for a package called ``arm64``.
+   ``aarch64-linux`` system and is removed: the image is for arm64 alone,
+   whatever platforms the registry serves (without it the image is for the
+   registry's platforms, ``x86_64-linux`` unless configured otherwise).
+   After that, leading ``shell``, ``nonroot`` and ``zstd`` components, in
+   any order, are removed: ``shell`` adds ``bashInteractive``,
+   ``coreutils``, ``moreutils`` and ``nano``; ``nonroot`` makes the image
+   run as an unprivileged user with a home directory (``rootfs.py``);
+   ``zstd`` compresses its layers with zstd rather than gzip (served in OCI
+   manifests only).  Only that order is recognised: ``shell/arm64/...``
+   asks for a package called ``arm64``, and a meta-package named twice is
+   a package the second time.
 
 5. **Always-included packages.**  ``cacert`` and ``iana-etc`` are added to
    every image, so TLS and ``/etc/services`` lookups work out of the box.
@@ -64,6 +68,7 @@ MAX_NAME_LENGTH = 255
 ARM64_META = "arm64"
 SHELL_META = "shell"
 NONROOT_META = "nonroot"
+ZSTD_META = "zstd"
 SHELL_PACKAGES: tuple[str, ...] = ("bashInteractive", "coreutils", "moreutils", "nano")
 """What the ``shell`` meta-package expands to, spelled as nixpkgs attributes."""
 
@@ -94,8 +99,32 @@ class Arch(enum.Enum):
         """The ``architecture`` value of the image config."""
         return self.value
 
+    @property
+    def oci_variant(self) -> str | None:
+        """The platform's ``variant``, as Docker and containerd write it for arm64."""
+        return "v8" if self is Arch.ARM64 else None
+
+    @property
+    def platform(self) -> str:
+        """``os/architecture``, as clients' ``--platform`` options spell it."""
+        return f"linux/{self.value}"
+
+    @classmethod
+    def from_platform(cls, text: str) -> Arch:
+        """The architecture of ``linux/amd64``, ``linux/arm64`` or ``linux/arm64/v8``."""
+        os_name, _, rest = text.strip().lower().partition("/")
+        arch, _, variant = rest.partition("/")
+        arch = _ARCH_ALIASES.get(arch, arch)
+        for member in cls:
+            if os_name == "linux" and arch == member.value and variant in ("", member.oci_variant):
+                return member
+        raise ValueError(
+            f"unknown platform {text!r}; one of {', '.join(m.platform for m in cls)}"
+        )
+
 
 _NIX_SYSTEMS = {Arch.AMD64: "x86_64-linux", Arch.ARM64: "aarch64-linux"}
+_ARCH_ALIASES = {"x86_64": "amd64", "aarch64": "arm64"}
 
 
 @dataclass(frozen=True)
@@ -105,9 +134,11 @@ class Image:
     ``name`` is the repository name as the client requested it (validated);
     ``tag`` the requested tag; ``packages`` the sorted, de-duplicated package
     names to build, meta-packages expanded and ``cacert``/``iana-etc`` added;
-    ``arch`` the architecture to build for; ``requested`` the packages the
-    name itself asked for (no meta-packages, nothing added), sorted;
-    ``nonroot`` whether it runs as an unprivileged user.
+    ``arch`` the architecture to build for, and ``pinned`` whether the name
+    chose it (``arm64/...``: one image, never an index); ``requested`` the
+    packages the name itself asked for (no meta-packages, nothing added),
+    sorted; ``nonroot`` whether it runs as an unprivileged user; ``zstd``
+    whether its layers are zstd.
     """
 
     name: str
@@ -116,11 +147,18 @@ class Image:
     arch: Arch
     requested: tuple[str, ...] = ()
     nonroot: bool = False
+    zstd: bool = False
+    pinned: bool = False
 
     @property
     def variant(self) -> tuple[str, ...]:
         """What the image asked for beyond its packages and system, for cache keys."""
-        return (NONROOT_META,) if self.nonroot else ()
+        return (*((NONROOT_META,) if self.nonroot else ()), *((ZSTD_META,) if self.zstd else ()))
+
+    @property
+    def compression(self) -> str:
+        """How its layers are compressed: ``gzip`` or ``zstd``."""
+        return "zstd" if self.zstd else "gzip"
 
     @property
     def has_bash(self) -> bool:
@@ -143,19 +181,17 @@ def parse_image(name: str, tag: str, *, max_packages: int = 64) -> Image:
 
     components = name.split("/")
     arch = Arch.AMD64
-    if components[0] == ARM64_META:
+    pinned = components[0] == ARM64_META
+    if pinned:
         arch = Arch.ARM64
         components = components[1:]
-    meta_packages: tuple[str, ...] = ()
-    nonroot = False
-    while components and components[0] in (SHELL_META, NONROOT_META):
-        if components[0] == SHELL_META and not meta_packages:
-            meta_packages = SHELL_PACKAGES
-        elif components[0] == NONROOT_META and not nonroot:
-            nonroot = True
-        else:
+    seen: set[str] = set()
+    while components and components[0] in (SHELL_META, NONROOT_META, ZSTD_META):
+        if components[0] in seen:
             break  # the same meta-package twice: the second is a package name
+        seen.add(components[0])
         components = components[1:]
+    meta_packages = SHELL_PACKAGES if SHELL_META in seen else ()
 
     # Meta-package spellings go in first so that they win the case-insensitive
     # de-duplication below.
@@ -175,7 +211,7 @@ def parse_image(name: str, tag: str, *, max_packages: int = 64) -> Image:
         first_spelling.setdefault(component.lower(), component)
     requested = tuple(sorted(first_spelling.values()))
     return Image(name=name, tag=tag, packages=packages, arch=arch, requested=requested,
-                 nonroot=nonroot)  # fmt: skip
+                 nonroot=NONROOT_META in seen, zstd=ZSTD_META in seen, pinned=pinned)  # fmt: skip
 
 
 def validate_name(name: str) -> str:

@@ -29,13 +29,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import zstandard
 from isal import isal_zlib
 
 from .cache import MANIFEST_KEYS, LayerCache, ManifestCache, RecordIndex
 from .cas import CAS
 from .digest import parse_digest
 from .errors import DigestInvalid
-from .manifest import Format, manifest_refs
+from .manifest import BlobRef, is_index, manifest_refs
 
 #: The shortest grace period ``nixery-trio gc`` accepts: a server serves a
 #: manifest from memory for a while after checking it (and refreshing its
@@ -70,13 +71,17 @@ def _sha256_file(path: Path) -> str:
 
 
 def _diff_id(path: Path) -> str | None:
-    """sha256 of the decompressed layer, or ``None`` if it is not one whole gzip.
+    """sha256 of the decompressed layer, or ``None`` if it is not one whole gzip
+    (or whole zstd frames).
 
     ISA-L leaves the vector registers of the thread it runs on in a state
     that slows OpenSSL's SHA-256 there by a quarter (see ``archive.py``), so
     the layer is inflated on a thread of its own, a chunk ahead of the
     hashing on this one.
     """
+    with open(path, "rb") as f:
+        if f.read(4) == _ZSTD_MAGIC:
+            return _zstd_diff_id(path)
     hasher = hashlib.sha256()
     inflater = isal_zlib.decompressobj(16 + 15)
     try:
@@ -93,6 +98,32 @@ def _diff_id(path: Path) -> str | None:
     except Exception:  # isal's error type is not typed as an exception
         return None
     if not inflater.eof or inflater.unused_data:
+        return None
+    return "sha256:" + hasher.hexdigest()
+
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _zstd_diff_id(path: Path) -> str | None:
+    """sha256 of a zstd layer's frames, or ``None`` unless every frame is whole."""
+    hasher = hashlib.sha256()
+    decompressor = zstandard.ZstdDecompressor()
+    frame = None
+    frames = 0
+    try:
+        with open(path, "rb", buffering=0) as f:
+            while chunk := f.read(_READ):
+                while chunk:
+                    if frame is None:
+                        frame, frames = decompressor.decompressobj(), frames + 1
+                    hasher.update(frame.decompress(chunk))
+                    chunk = frame.unused_data if frame.eof else b""
+                    if frame.eof:
+                        frame = None
+    except zstandard.ZstdError:
+        return None
+    if frame is not None or not frames:  # cut inside a frame, or empty
         return None
     return "sha256:" + hasher.hexdigest()
 
@@ -176,11 +207,11 @@ def _manifest_problem(
 ) -> str | None:
     if record is None:
         return "torn, corrupt or misnamed record"
-    if MANIFEST_KEYS[Format.DOCKER] not in record:
-        return "names no Docker manifest"
+    if not any(key in record for key in MANIFEST_KEYS.values()):
+        return "names no manifest"
     for key in MANIFEST_KEYS.values():
         if key not in record:
-            continue  # a record from before OCI manifests: the server adds one
+            continue  # from before OCI manifests (the server adds one), or zstd (OCI only)
         digest = record[key]
         if not isinstance(digest, str) or digest not in good:
             return f"names manifest {digest} which is missing or corrupt"
@@ -220,21 +251,27 @@ def gc(root: Path, max_size: int, grace: float = 900, now: float | None = None) 
         report.size_before = report.size_after = sum(sizes.values())
         if report.size_before <= max_size:
             return report
-        manifests: set[str] = set()
+        # 0 for an index, 1 for a manifest (2 for other blobs).
+        manifests: dict[str, int] = {}
+        # Indexes first: they pass their time on to their manifests, which
+        # pass it on to their blobs.
+        documents: list[tuple[bool, str, list[BlobRef]]] = []
         for digest, size in sizes.items():
             if size > _MANIFEST_LIMIT:
                 continue
             data = store.cas.read_bytes(digest, _MANIFEST_LIMIT)
             refs = None if data is None or not data.startswith(b"{") else manifest_refs(data)
-            if refs is None:
-                continue
-            manifests.add(digest)
+            if refs is not None:
+                documents.append((not is_index(data or b""), digest, refs))
+        for rank, digest, refs in sorted(documents):
+            manifests[digest] = rank
             for ref in refs:
                 if ref.digest in last_used:
                     last_used[ref.digest] = max(last_used[ref.digest], last_used[digest])
         records = _records_by_digest(store)
-        # Oldest first; on a tie, manifests before the blobs they name.
-        order = sorted(sizes, key=lambda d: (last_used[d], d not in manifests, d))
+        # Oldest first; on a tie, indexes before the manifests they name, and
+        # manifests before the blobs they name.
+        order = sorted(sizes, key=lambda d: (last_used[d], manifests.get(d, 2), d))
         for digest in order:
             if report.size_after <= max_size:
                 break

@@ -23,6 +23,14 @@ a Go map), so the order cannot decide, and OCI is the standard the client
 declared it speaks; Docker's format stays for the clients that never
 heard of OCI.
 
+An image made for several platforms is answered by an *index* naming one
+manifest per platform: an OCI image index of the OCI manifests, or a Docker
+manifest list of the Docker ones; :func:`index_formats` picks it the same
+way, but only for a client that names a list type in its ``Accept`` (a
+client that does not gets the first platform's manifest, as CNCF
+distribution does).  Layers compressed with zstd exist in OCI manifests
+only: Docker's schema 2 has no media type for them.
+
 The same ``layers`` sequence must be passed to :func:`build_config` and
 :func:`build_manifest`: the n-th ``diff_id`` in the config describes the
 n-th layer of the manifest.
@@ -47,14 +55,16 @@ DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 
 
 class Format(enum.Enum):
-    """A manifest format: its manifest, config and gzipped layer media types."""
+    """A manifest format: its manifest, config, gzipped layer and index media types."""
 
-    OCI = (OCI_MANIFEST, OCI_CONFIG, OCI_LAYER_GZIP)
-    DOCKER = (DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LAYER_GZIP)
+    OCI = (OCI_MANIFEST, OCI_CONFIG, OCI_LAYER_GZIP, OCI_INDEX)
+    DOCKER = (DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LAYER_GZIP, DOCKER_LIST)
 
     @property
     def manifest_type(self) -> str:
@@ -68,8 +78,23 @@ class Format(enum.Enum):
     def layer_type(self) -> str:
         return self.value[2]
 
+    @property
+    def index_type(self) -> str:
+        return self.value[3]
+
+    def layer_type_for(self, compression: str) -> str:
+        """The media type of a layer compressed with ``gzip`` or ``zstd`` (OCI only)."""
+        if compression == "gzip":
+            return self.layer_type
+        if compression == "zstd" and self is Format.OCI:
+            return OCI_LAYER_ZSTD
+        raise ValueError(f"{self.name} manifests cannot hold {compression} layers")
+
 
 MANIFEST_FORMATS = {fmt.manifest_type: fmt for fmt in Format}
+INDEX_FORMATS = {fmt.index_type: fmt for fmt in Format}
+#: Every document type served from /v2/<name>/manifests/.
+DOCUMENT_TYPES = frozenset((*MANIFEST_FORMATS, *INDEX_FORMATS))
 
 
 def _accept_weights(accept: str) -> dict[str, float]:
@@ -109,6 +134,17 @@ def negotiate(accept: str | None) -> Format:
     if oci > 0 and oci >= _weight(weights, DOCKER_MANIFEST):
         return Format.OCI
     return Format.DOCKER
+
+
+@functools.lru_cache(maxsize=256)
+def index_formats(accept: str | None) -> tuple[Format, ...]:
+    """The index formats a client names in ``accept``, preferred first (OCI's
+    when its ``q`` is at least Docker's); none: it gets one platform's manifest."""
+    weights = _accept_weights(accept) if accept else {}
+    oci, docker = weights.get(OCI_INDEX, 0.0), weights.get(DOCKER_LIST, 0.0)
+    named = [(weight, fmt) for weight, fmt in ((oci, Format.OCI), (docker, Format.DOCKER))
+             if weight > 0]  # fmt: skip
+    return tuple(fmt for _, fmt in sorted(named, key=lambda pair: -pair[0]))
 
 
 @functools.lru_cache(maxsize=256)
@@ -185,6 +221,8 @@ def build_config(
         "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]},
         "config": runtime,
     }
+    if arch.oci_variant:
+        document["variant"] = arch.oci_variant
     if history:
         document["history"] = [{"created": CREATED, "created_by": text} for text in history]
     return canonical_json(document)
@@ -219,29 +257,55 @@ def build_manifest(
     config_size: int,
     layers: Sequence[Blob],
     fmt: Format = Format.DOCKER,
+    compression: str = "gzip",
 ) -> bytes:
-    """The manifest in ``fmt`` naming the config blob and the layers, in the given order."""
+    """The manifest in ``fmt`` naming the config blob and the layers, in the given order.
+
+    ``compression`` says how the layers are compressed: ``gzip``, or
+    ``zstd`` (OCI only).
+    """
     parse_digest(config_digest)
     if config_size < 0:
         raise ValueError(f"config size must not be negative, got {config_size}")
+    layer_type = fmt.layer_type_for(compression)
     return canonical_json(
         {
             "schemaVersion": SCHEMA_VERSION,
             "mediaType": fmt.manifest_type,
             "config": {"mediaType": fmt.config_type, "size": config_size, "digest": config_digest},
             "layers": [
-                {"mediaType": fmt.layer_type, "size": layer.size, "digest": layer.digest}
+                {"mediaType": layer_type, "size": layer.size, "digest": layer.digest}
                 for layer in layers
             ],
         }
     )
 
 
+def build_index(fmt: Format, manifests: Sequence[tuple[Blob, Arch]]) -> bytes:
+    """The index in ``fmt`` (OCI image index or Docker manifest list) naming one
+    manifest of ``fmt`` per platform, in the given order."""
+    entries = []
+    for manifest, arch in manifests:
+        parse_digest(manifest.digest)
+        platform = {"architecture": arch.oci_arch, "os": "linux"}
+        if arch.oci_variant:
+            platform["variant"] = arch.oci_variant
+        entries.append({"mediaType": fmt.manifest_type, "size": manifest.size,
+                        "digest": manifest.digest, "platform": platform})  # fmt: skip
+    return canonical_json(
+        {"schemaVersion": SCHEMA_VERSION, "mediaType": fmt.index_type, "manifests": entries}
+    )
+
+
 def convert_manifest(data: bytes, fmt: Format) -> bytes | None:
-    """A stored manifest of ours in another format (same blobs), or ``None`` if it is not one."""
+    """A stored gzip manifest of ours in another format (same blobs), or ``None``
+    if it is not one."""
+    source = manifest_format(data)
     refs = manifest_refs(data)
-    if refs is None:
+    if source is None or refs is None:
         return None
+    if any(layer.get("mediaType") != source.layer_type for layer in json.loads(data)["layers"]):
+        return None  # zstd layers have no Docker type
     config, *layers = refs
     return build_manifest(config_digest=config.digest, config_size=config.size, layers=layers,
                           fmt=fmt)  # fmt: skip
@@ -266,14 +330,33 @@ def manifest_format(data: bytes) -> Format | None:
     return MANIFEST_FORMATS.get(str(document.get("mediaType")))
 
 
-def manifest_refs(data: bytes) -> list[BlobRef] | None:
-    """The config and layers a stored manifest names (config first), or ``None``
-    if ``data`` is not an OCI or Docker schema 2 image manifest (with valid digests)."""
+def document_type(data: bytes) -> str | None:
+    """The media type of a stored manifest or index, or ``None`` if ``data`` is not one."""
     try:
         document = json.loads(data)
-        if not isinstance(document, dict) or document.get("mediaType") not in MANIFEST_FORMATS:
-            return None
-        entries = [document["config"], *document["layers"]]
-        return [BlobRef(parse_digest(entry["digest"]), int(entry["size"])) for entry in entries]
-    except (ValueError, KeyError, TypeError, DigestInvalid):
+    except ValueError:
         return None
+    media_type = document.get("mediaType") if isinstance(document, dict) else None
+    return media_type if media_type in DOCUMENT_TYPES else None
+
+
+def manifest_refs(data: bytes) -> list[BlobRef] | None:
+    """What a stored manifest names (config first, then layers), or an index (its
+    manifests); ``None`` if ``data`` is neither (or has an invalid digest)."""
+    try:
+        document = json.loads(data)
+        media_type = document.get("mediaType") if isinstance(document, dict) else None
+        if media_type in MANIFEST_FORMATS:
+            entries = [document["config"], *document["layers"]]
+        elif media_type in INDEX_FORMATS:
+            entries = list(document["manifests"])
+        else:
+            return None
+        return [BlobRef(parse_digest(entry["digest"]), int(entry["size"])) for entry in entries]
+    except (ValueError, KeyError, TypeError, AttributeError, DigestInvalid):
+        return None
+
+
+def is_index(data: bytes) -> bool:
+    """Whether ``data`` is an OCI image index or a Docker manifest list."""
+    return document_type(data) in INDEX_FORMATS

@@ -117,7 +117,8 @@ async def prepare_image(
         "--argstr", "packages", json.dumps(list(image.packages)),
     ]  # fmt: skip
     started = time.monotonic()
-    logs.info("nix.build", image=image.name, tag=image.tag, packages=list(image.packages))
+    logs.info("nix.build", image=image.name, tag=image.tag, system=image.arch.nix_system,
+              packages=list(image.packages))  # fmt: skip
     try:
         with trio.fail_after(timeout):
             proc = await trio.run_process(

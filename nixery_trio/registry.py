@@ -46,7 +46,7 @@ from .errors import (
     Unsupported,
 )
 from .httpserver import ZEROCOPYSEND
-from .manifest import OCI_INDEX, Format, acceptable, negotiate
+from .manifest import OCI_INDEX, acceptable
 from .routes import Kind, Route, page, parse_route
 from .sources import LATEST, PathSource
 from .version import source_version
@@ -251,11 +251,12 @@ def _header(scope: Any, name: bytes) -> str | None:
 
 
 def negotiated(found: ImageManifests | Manifest, accept: str | None, oci: bool) -> Manifest:
-    """What to answer a manifest request with: for a tag, the format the
-    client prefers (``manifest.negotiate``), or Docker's without ``oci``; for
-    a digest, the manifest as stored, if the client takes its type."""
+    """What to answer a manifest request with: for a tag, the format (and, for
+    several platforms, the index) the client prefers (``ImageManifests.pick``),
+    or Docker's without ``oci``; for a digest, the document as stored, if the
+    client takes its type."""
     if isinstance(found, ImageManifests):
-        return found.pick(negotiate(accept) if oci else Format.DOCKER)
+        return found.pick(accept, oci)
     if not acceptable(accept, found.media_type):
         raise ManifestUnknown(
             f"manifest {found.digest} is a {found.media_type}, which this request's "

@@ -29,12 +29,17 @@ def run(
     return proc
 
 
-def skopeo_copy(host: str, ref: str, oci_dir: Path, tag: str = "image") -> None:
-    """Copy ``host/ref`` into an OCI layout, verifying every blob digest."""
+def skopeo_copy(
+    host: str, ref: str, oci_dir: Path, tag: str = "image", override_arch: str | None = None
+) -> None:
+    """Copy ``host/ref`` into an OCI layout, verifying every blob digest (from
+    an index, the platform of this machine or of ``override_arch``)."""
+    arch = () if override_arch is None else ("--override-arch", override_arch)
     run(
         [
             "skopeo",
             "--insecure-policy",
+            *arch,
             "copy",
             "--src-tls-verify=false",
             f"docker://{host}/{ref}",
@@ -157,7 +162,9 @@ class Dockerd:
     def docker(
         self, *argv: str, timeout: float = 300, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        return run(["docker", "-H", f"unix://{self.socket}", *argv], timeout=timeout, check=check)
+        # Debian's own client (a docker elsewhere on PATH may be another version).
+        argv = ["/usr/bin/docker", "-H", f"unix://{self.socket}", *argv]
+        return run(argv, timeout=timeout, check=check)
 
     def stop(self) -> None:
         stop_process(self.process, grace=30)

@@ -17,6 +17,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     running.stop()
 
 
+#: Settings of a registry serving every image for two platforms.
+MULTIARCH = ("--platforms", "linux/amd64,linux/arm64", "--workers", "1")
+
+
+@pytest.fixture(scope="session")
+def multiarch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A registry serving linux/amd64 and linux/arm64 (a tag gives an index)."""
+    running = start_server(tmp_path_factory.mktemp("multiarch"), extra=MULTIARCH)
+    yield running
+    running.stop()
+
+
 @pytest.fixture(scope="session")
 def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
     # A short path: the socket path must fit in sun_path (108 bytes).

@@ -13,6 +13,7 @@ import pytest
 from nixery_trio import archive
 from nixery_trio.cache import LayerCache, ManifestCache
 from nixery_trio.cas import CAS
+from nixery_trio.digest import sha256_digest
 from nixery_trio.image import Arch
 from nixery_trio.maintenance import fsck, gc, parse_size
 from nixery_trio.manifest import Format, LayerBlob, build_config, build_manifest
@@ -41,11 +42,12 @@ class Store:
         self.layers.index.open_index()
         self.manifests.index.open_index()
 
-    def layer(self, name: str, size: int) -> LayerBlob:
+    def layer(self, name: str, size: int, compression: str = "gzip") -> LayerBlob:
         path = self.files / "nix" / "store" / (name[0] * 32 + "-" + name)
         path.mkdir(parents=True, exist_ok=True)
         (path / "data").write_bytes(os.urandom(size))
-        blob = archive.write_layer(self.cas, archive.store_path_entries([str(path)]), 1)
+        entries = archive.store_path_entries([str(path)])
+        blob = archive.write_layer(self.cas, entries, 1, compression=compression)
         self.layers.put(name, blob)
         return blob
 
@@ -123,6 +125,18 @@ def test_fsck_checks_diff_ids(store: Store) -> None:
     store.layers.put("layer", LayerBlob(blob.digest, "sha256:" + "0" * 64, blob.size))
     (finding,) = fsck(store.root)
     assert finding.kind == "layer-record" and "diff_id" in finding.problem
+
+
+def test_fsck_checks_zstd_layers_too(store: Store) -> None:
+    blob = store.layer("zstd", 3 * archive.BLOCK_SIZE, compression="zstd")
+    assert fsck(store.root) == []
+    path = store.cas.path(blob.digest)
+    path.write_bytes(path.read_bytes()[:-100])  # truncated
+    store.layers.put("zstd", LayerBlob(sha256_digest(path.read_bytes()), blob.diff_id,
+                                       path.stat().st_size))  # fmt: skip
+    path.rename(store.cas.path(sha256_digest(path.read_bytes())))
+    (finding,) = fsck(store.root)
+    assert "diff_id" in finding.problem and "(None)" in finding.problem
 
 
 def test_gc_removes_least_recently_used_images_first(store: Store) -> None:

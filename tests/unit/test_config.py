@@ -4,6 +4,7 @@ import pytest
 
 from nixery_trio.config import make_config
 from nixery_trio.errors import ConfigError
+from nixery_trio.image import Arch
 from nixery_trio.sources import ChannelSource, GitSource, PathSource
 
 
@@ -55,6 +56,8 @@ def test_listen_wins_over_port() -> None:
         ({"channel": "a", "send_timeout": "inf"}, "NIXERY_SEND_TIMEOUT must be a positive"),
         ({"channel": "a", "send_timeout": "nan"}, "NIXERY_SEND_TIMEOUT must be a positive"),
         ({"channel": "a", "send_timeout": "1m"}, "NIXERY_SEND_TIMEOUT must be a number"),
+        ({"channel": "a", "platforms": "linux/s390x"}, "NIXERY_PLATFORMS: unknown platform"),
+        ({"channel": "a", "platforms": "linux/arm64,linux/aarch64"}, "linux/arm64 twice"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(values: dict[str, str], message: str) -> None:
@@ -90,3 +93,9 @@ def test_path_source_key_follows_file_contents(tmp_path: Path) -> None:
     assert source.cache_key("latest") not in (first, second)
     (tmp_path / "pkg.nix").unlink()
     assert source.cache_key("latest") == first
+
+
+def test_platforms_in_order() -> None:
+    assert make_config(raw(channel="a")).platforms == (Arch.AMD64,)
+    config = make_config(raw(channel="a", platforms="linux/arm64, linux/amd64"))
+    assert config.platforms == (Arch.ARM64, Arch.AMD64)

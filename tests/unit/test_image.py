@@ -221,4 +221,53 @@ def test_the_nonroot_meta_package(
     image = parse_image(name, "latest")
     assert (image.nonroot, image.has_bash, image.requested) == (nonroot, shell, requested)
     assert image.variant == (("nonroot",) if nonroot else ())
+    assert image.pinned == name.startswith("arm64/")
     assert "nonroot" not in image.packages or "nonroot" in requested
+
+
+@pytest.mark.parametrize(
+    ("name", "zstd", "nonroot", "requested"),
+    [
+        ("zstd/hello", True, False, ("hello",)),
+        ("shell/zstd/nonroot/hello", True, True, ("hello",)),
+        ("arm64/zstd/hello", True, False, ("hello",)),
+        ("zstd/zstd", True, False, ("zstd",)),  # twice: the second is a package
+        ("hello/zstd", False, False, ("hello", "zstd")),
+        ("zstd/arm64", True, False, ("arm64",)),
+    ],
+)
+def test_the_zstd_meta_package(
+    name: str, zstd: bool, nonroot: bool, requested: tuple[str, ...]
+) -> None:
+    image = parse_image(name, "latest")
+    assert (image.zstd, image.nonroot, image.requested) == (zstd, nonroot, requested)
+    assert image.compression == ("zstd" if zstd else "gzip")
+    assert image.variant == (*(("nonroot",) if nonroot else ()), *(("zstd",) if zstd else ()))
+
+
+def test_only_a_leading_arm64_pins_the_platform() -> None:
+    assert parse_image("arm64/hello", "latest").pinned
+    assert not parse_image("hello", "latest").pinned
+    assert not parse_image("zstd/arm64", "latest").pinned
+
+
+@pytest.mark.parametrize(
+    ("text", "arch"),
+    [
+        ("linux/amd64", Arch.AMD64),
+        ("linux/x86_64", Arch.AMD64),
+        (" Linux/AMD64 ", Arch.AMD64),
+        ("linux/arm64", Arch.ARM64),
+        ("linux/arm64/v8", Arch.ARM64),
+        ("linux/aarch64", Arch.ARM64),
+    ],
+)
+def test_platforms_by_name(text: str, arch: Arch) -> None:
+    assert Arch.from_platform(text) is arch
+    assert Arch.from_platform(arch.platform) is arch
+
+
+@pytest.mark.parametrize("text", ["linux/riscv64", "windows/amd64", "amd64", "linux/amd64/v8", ""])
+def test_unknown_platforms_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="unknown platform"):
+        Arch.from_platform(text)

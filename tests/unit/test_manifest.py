@@ -22,10 +22,14 @@ from nixery_trio.manifest import (
     LayerBlob,
     acceptable,
     build_config,
+    build_index,
     build_manifest,
     canonical_json,
     command,
     convert_manifest,
+    document_type,
+    index_formats,
+    is_index,
     manifest_format,
     manifest_refs,
     negotiate,
@@ -47,6 +51,7 @@ def test_config_structure() -> None:
     )
     assert config == {
         "architecture": "arm64",
+        "variant": "v8",
         "os": "linux",
         "created": "1970-01-01T00:00:01Z",
         "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in LAYERS]},
@@ -269,3 +274,80 @@ def test_acceptable_by_name_or_wildcard() -> None:
 @given(st.text(max_size=200))
 def test_negotiation_takes_any_header(accept: str) -> None:
     assert negotiate(accept) in Format
+
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        (None, ()),
+        ("*/*", ()),  # a list only for a client that names one
+        (f"{OCI_MANIFEST}, {DOCKER_MANIFEST}", ()),
+        (OCI_INDEX, (Format.OCI,)),
+        (DOCKER_LIST, (Format.DOCKER,)),
+        (f"{DOCKER_LIST}, {OCI_INDEX}", (Format.OCI, Format.DOCKER)),
+        (f"{OCI_INDEX};q=0.5, {DOCKER_LIST}", (Format.DOCKER, Format.OCI)),
+        (f"{OCI_INDEX};q=0, {DOCKER_LIST}", (Format.DOCKER,)),
+    ],
+)
+def test_index_negotiation(accept: str | None, expected: tuple[Format, ...]) -> None:
+    assert index_formats(accept) == expected
+
+
+def test_indexes_name_each_platform_manifest() -> None:
+    manifests = {
+        arch: build_manifest(config_digest=sha256_digest(arch.value.encode()), config_size=9,
+                             layers=LAYERS, fmt=Format.OCI)
+        for arch in Arch
+    }  # fmt: skip
+
+    class Doc:
+        def __init__(self, data: bytes) -> None:
+            self.digest, self.size = sha256_digest(data), len(data)
+
+    for fmt, media_type in ((Format.OCI, OCI_INDEX), (Format.DOCKER, DOCKER_LIST)):
+        data = build_index(fmt, [(Doc(manifests[arch]), arch) for arch in Arch])
+        document = json.loads(data)
+        assert document == {
+            "schemaVersion": 2,
+            "mediaType": media_type,
+            "manifests": [
+                {"mediaType": fmt.manifest_type, "digest": sha256_digest(manifests[Arch.AMD64]),
+                 "size": len(manifests[Arch.AMD64]),
+                 "platform": {"architecture": "amd64", "os": "linux"}},
+                {"mediaType": fmt.manifest_type, "digest": sha256_digest(manifests[Arch.ARM64]),
+                 "size": len(manifests[Arch.ARM64]),
+                 "platform": {"architecture": "arm64", "os": "linux", "variant": "v8"}},
+            ],
+        }  # fmt: skip
+        assert data == canonical_json(document)
+        assert document_type(data) == media_type and is_index(data)
+        assert manifest_format(data) is None
+        refs = manifest_refs(data)
+        assert refs is not None
+        assert [(r.digest, r.size) for r in refs] == [
+            (sha256_digest(manifests[a]), len(manifests[a])) for a in Arch
+        ]
+        assert convert_manifest(data, Format.DOCKER) is None
+    assert document_type(manifests[Arch.AMD64]) == OCI_MANIFEST
+    assert not is_index(manifests[Arch.AMD64])
+    assert document_type(b"[]") is None and document_type(b"nonsense") is None
+
+
+def test_zstd_layers_only_in_oci_manifests() -> None:
+    config = sha256_digest(b"config")
+    data = build_manifest(config_digest=config, config_size=6, layers=LAYERS, fmt=Format.OCI,
+                          compression="zstd")  # fmt: skip
+    document = json.loads(data)
+    assert {layer["mediaType"] for layer in document["layers"]} == {
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+    }
+    assert manifest_format(data) is Format.OCI
+    # Docker's format has no zstd type: no such manifest, and no conversion.
+    with pytest.raises(ValueError, match="cannot hold zstd"):
+        build_manifest(config_digest=config, config_size=6, layers=LAYERS, fmt=Format.DOCKER,
+                       compression="zstd")  # fmt: skip
+    assert convert_manifest(data, Format.DOCKER) is None
