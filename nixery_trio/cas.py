@@ -25,6 +25,7 @@ import contextlib
 import fcntl
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,6 +58,20 @@ def recreating(directory: Path, action: Callable[[], T]) -> T:
         return action()
 
 
+_SYNC_THREADS: tuple[int, ThreadPoolExecutor] | None = None
+_SYNC_THREADS_LOCK = threading.Lock()
+
+
+def _syncing() -> ThreadPoolExecutor:
+    """Threads that fsync small blobs at once (see :meth:`CAS.put_many`); made
+    anew in a forked worker, which has none of its parent's threads."""
+    global _SYNC_THREADS
+    with _SYNC_THREADS_LOCK:
+        if _SYNC_THREADS is None or _SYNC_THREADS[0] != os.getpid():
+            _SYNC_THREADS = (os.getpid(), ThreadPoolExecutor(4, "blob-fsync"))
+        return _SYNC_THREADS[1]
+
+
 class BlobWriter:
     """A temporary file that becomes a blob once its digest is known.
 
@@ -84,18 +99,20 @@ class BlobWriter:
             self._start_writeback()
         return len(data)
 
-    def commit(self, digest: str, sync_dir: bool = True) -> Path:
+    def commit(self, digest: str, sync_dir: bool = True, synced: bool = False) -> Path:
         """fsync, close and rename the file to ``digest``; return its path.
 
         Without ``sync_dir`` the caller fsyncs the blob directory itself
-        (once for several blobs) before anything may depend on the name.
+        (once for several blobs) before anything may depend on the name;
+        ``synced`` says the caller fsynced the file itself after its last write.
         """
         self.file.flush()
         writeback = self._stop_writeback()
         if writeback is not None:
             # An error it met is reported once, to it, not again to this fsync.
             writeback.result()
-        os.fsync(self.file.fileno())
+        if not synced:
+            os.fsync(self.file.fileno())
         self.file.close()
         target = self._cas.path(digest)
         recreating(self._cas.blob_dir, lambda: os.rename(self.path, target))
@@ -216,21 +233,32 @@ class CAS:
         return self.put_many([data])[0]
 
     def put_many(self, blobs: list[bytes]) -> list[str]:
-        """Store small blobs, with one fsync of the directory; their digests."""
-        digests = []
-        written = False
-        for data in blobs:
-            digest = sha256_digest(data)
-            digests.append(digest)
+        """Store small blobs, with one fsync of the directory; their digests.
+
+        The new ones are all written first and then fsynced at once, on
+        threads of their own: the file system commits its journal once for
+        them all, rather than once per blob (a cold build stores a config
+        and two manifests).
+        """
+        digests = [sha256_digest(data) for data in blobs]
+        new: dict[str, bytes] = {}
+        for data, digest in zip(blobs, digests, strict=True):
             if self.size(digest) == len(data):
                 os.utime(self.path(digest))  # used again: fresh for gc
-                continue
-            with self.writer() as w:
-                w.write(data)
-                w.commit(digest, sync_dir=False)
-            written = True
-        if written:
-            self.sync_dir()
+            else:
+                new[digest] = data
+        if not new:
+            return digests
+        with contextlib.ExitStack() as stack:
+            writers = {digest: stack.enter_context(self.writer()) for digest in new}
+            for digest, writer in writers.items():
+                writer.write(new[digest])
+            files = [writer.file.fileno() for writer in writers.values()]
+            if len(files) > 1:
+                list(_syncing().map(os.fsync, files))
+            for digest, writer in writers.items():
+                writer.commit(digest, sync_dir=False, synced=len(files) > 1)
+        self.sync_dir()
         return digests
 
     def read_bytes(self, digest: str, limit: int) -> bytes | None:

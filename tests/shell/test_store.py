@@ -63,6 +63,40 @@ def test_put_bytes_is_content_addressed(cas: CAS) -> None:
     assert list(cas.tmp_dir.iterdir()) == []
 
 
+def test_put_many_stores_each_blob_once_synced(
+    cas: CAS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    blobs = [b"config", b"manifest", b"config", b"index"]
+    digests = cas.put_many(blobs)
+    assert digests == ["sha256:" + hashlib.sha256(b).hexdigest() for b in blobs]
+    assert sorted(cas.digests()) == sorted(set(digests))
+    assert [cas.read_bytes(d, 100) for d in digests] == blobs
+    assert len(synced) == 3 + 1  # each new blob once, then the directory
+    assert list(cas.tmp_dir.iterdir()) == []
+    synced.clear()
+    assert cas.put_many(blobs) == digests  # all there: nothing written or synced
+    assert synced == []
+
+
+def test_put_many_that_fails_leaves_nothing(cas: CAS, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(StorageError):
+        cas.put_many([b"a", b"b"])
+    assert list(cas.tmp_dir.iterdir()) == []
+    assert list(cas.digests()) == []
+
+
 def test_leftover_temporary_files_are_removed(cas: CAS) -> None:
     (cas.tmp_dir / "x.part").write_bytes(b"torn")
     assert cas.open_store() == 1
