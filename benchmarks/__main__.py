@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nixery_trio import archive, blobs
 
-from . import builds, connections, pipeline, report, serving, soak
+from . import builds, clients, connections, pipeline, report, serving, soak
 from .common import REPO, Context, Section, machine, missing_tools, tool_version
 
 #: Each benchmark module has ``run(ctx) -> list[Section]`` and ``TOOLS``, the
@@ -22,6 +22,7 @@ BENCHMARKS = {
     "serving": serving,
     "builds": builds,
     "connections": connections,
+    "clients": clients,
     "soak": soak,
 }
 
@@ -91,6 +92,8 @@ def main() -> None:
         "nginx": tool_version(["nginx", "-v"]),
         "wrk": tool_version(["wrk", "-v"]),
         "docker-registry": tool_version(["docker-registry", "--version"]),
+        "containerd": tool_version(["containerd", "--version"]),
+        "podman": tool_version(["podman", "--version"]),
         "gzip": tool_version(["gzip", "--version"]),
         "tar": tool_version(["tar", "--version"]),
         "deflate engines": ", ".join(

@@ -137,6 +137,18 @@ def rss_bytes(pids: Sequence[int]) -> int:
     return total
 
 
+def written_bytes(pids: Sequence[int]) -> int:
+    """Bytes ``pids`` have written so far, to files and sockets, sendfile included
+    (the ``wchar`` of /proc/PID/io; plain ``send`` calls on a socket do not count)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+                if line.startswith("wchar:"):
+                    total += int(line.split()[1])
+    return total
+
+
 def children(pid: int) -> list[int]:
     """``pid`` and its child processes (nginx's workers, for example)."""
     found = [pid]
@@ -282,11 +294,14 @@ def _search(pattern: str, text: str, groups: int = 1) -> tuple[str, ...] | str:
 #: ``make test`` install them all).
 PACKAGES = {
     "bash": "bash",
+    "containerd": "containerd",
+    "ctr": "containerd",
     "docker-registry": "docker-registry",
     "gzip": "gzip",
     "nginx": "nginx-light",
     "nix-build": "nix-bin",
     "nix-instantiate": "nix-bin",
+    "podman": "podman",
     "sha256sum": "coreutils",
     "skopeo": "skopeo",
     "tar": "tar",

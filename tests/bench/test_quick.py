@@ -29,6 +29,10 @@ def test_quick_benchmarks_write_a_report(tmp_path: Path) -> None:
     assert "## Targets: " in report
     for title in ("Layer pipeline", "Deflate engine and level", "Memory", "Blob serving",
                   "Warm manifests", "Cold builds", "Layering", "Hostile connections", "Defaults",
+                  "Clients: gzip against zstd layers",
                   "Soak: concurrent pulls, cached and uncached"):  # fmt: skip
         assert f"\n## {title}\n" in report, title
     assert "| layer pipeline vs the GNU tar, gzip -6 pipeline (input MB/s) |" in report
+    for client in ("containerd", "podman"):
+        target = f"| {client}: pull and unpack `large`, zstd vs gzip layers (time ratio) |"
+        assert target in report, client

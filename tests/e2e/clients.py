@@ -124,10 +124,14 @@ def start_containerd(workdir: Path) -> Containerd:
 
 
 def podman(
-    workdir: Path, *argv: str, timeout: float = 300, check: bool = True
+    workdir: Path,
+    *argv: str,
+    timeout: float = 300,
+    check: bool = True,
+    storage_driver: str = "vfs",
 ) -> subprocess.CompletedProcess[str]:
-    """podman with private storage (vfs), cgroupfs and runc (crun refuses this
-    machine's hybrid cgroups)."""
+    """podman with private storage (vfs unless ``storage_driver`` says otherwise),
+    cgroupfs and runc (crun refuses this machine's hybrid cgroups)."""
     return run(
         [
             "podman",
@@ -136,7 +140,7 @@ def podman(
             "--runroot",
             str(workdir / "run"),
             "--storage-driver",
-            "vfs",
+            storage_driver,
             "--cgroup-manager",
             "cgroupfs",
             "--runtime",
