@@ -391,9 +391,10 @@ class Builder:
     def platform_images(self, image: Image) -> list[Image]:
         """The image once per platform it is served for: the registry's
         platforms, or the one its name chose (``arm64/...``)."""
-        if image.pinned:
+        platforms = self.config.platforms
+        if image.pinned or platforms == (image.arch,):
             return [image]
-        return [dataclasses.replace(image, arch=arch) for arch in self.config.platforms]
+        return [dataclasses.replace(image, arch=arch) for arch in platforms]
 
     async def manifest_for_tag(self, name: str, tag: str) -> ImageManifests:
         """The manifests of ``name:tag`` (or its indexes), building what is needed."""
