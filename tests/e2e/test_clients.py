@@ -216,6 +216,13 @@ def test_podman_pulls_and_runs_each_platform_and_zstd(
             assert inspected["Architecture"] == platform[6:]
             result = podman(Path(workdir), "run", "--rm", *limits, ref, timeout=120)
             assert result.stdout == "Hello, world!\n"
+        # By the digest of the index, for one platform of it.
+        accept = {"Accept": "application/vnd.oci.image.index.v1+json"}
+        index = httpx.get(f"{multiarch.url}/v2/hello/manifests/latest", headers=accept)
+        ref = f"{multiarch.host}/hello@{index.headers['docker-content-digest']}"
+        podman(Path(workdir), "pull", "--tls-verify=false", "--platform", "linux/arm64", ref)
+        result = podman(Path(workdir), "run", "--rm", "--arch", "arm64", *limits, ref, timeout=120)
+        assert result.stdout == "Hello, world!\n"
 
 
 def test_docker_pulls_and_runs_each_platform_and_zstd(
