@@ -55,7 +55,7 @@ from .config import Config
 from .digest import sha256_digest
 from .errors import ManifestUnknown, RegistryError
 from .image import Arch, Image, parse_image
-from .layers import group_layers
+from .layers import Layer, group_layers
 from .locks import BuildSlots, KeyLocks
 from .manifest import (
     OCI_MANIFEST,
@@ -177,6 +177,15 @@ class SingleFlight(Generic[T]):
             if self._flights.get(key) is flight:
                 del self._flights[key]
             flight.done.set()
+
+
+def _layer_key(image: Image, layer: Layer) -> str:
+    """A layer's cache key: its paths' key, for zstd with a prefix (another blob)."""
+    return layer.key if image.compression == "gzip" else f"{image.compression}:{layer.key}"
+
+
+def _forest_key(image: Image, forest: str) -> str:
+    return f"forest:{IMAGE_LAYOUT}:{':'.join(image.variant)}:{forest}"
 
 
 def _index_key(found: list[ImageManifests]) -> str:
@@ -725,21 +734,20 @@ class Builder:
         finally:
             slot.release()
         nix_done = time.monotonic()
-        # Pure but CPU-bound for big closures: keep it off the event loop.
-        layers = await trio.to_thread.run_sync(
-            partial(group_layers, budget=self.config.layer_budget),
-            result.graph, result.roots, self.popularity,
-        )  # fmt: skip
-        layered = time.monotonic()
+        # Grouping is pure but CPU-bound for big closures, and the lookups
+        # block: one worker-thread hop does both.  The store lock is held
+        # shared from the layer lookups until the manifest is recorded: gc
+        # (exclusive) cannot remove a cached layer in between.
+        layers, layered, lock, blobs = await trio.to_thread.run_sync(
+            self._plan_layers, image, result
+        )
         # A zstd layer is another blob of the same paths: its own cache key.
-        prefix = "" if image.compression == "gzip" else f"{image.compression}:"
         jobs: list[tuple[str, Entries]] = [
-            (prefix + layer.key, partial(archive.store_path_entries, layer.contents))
+            (_layer_key(image, layer), partial(archive.store_path_entries, layer.contents))
             for layer in layers
         ]
         forest = partial(archive.forest_entries, result.forest, image.nonroot)
-        forest_key = f"forest:{IMAGE_LAYOUT}:{':'.join(image.variant)}:{result.forest}"
-        jobs.append((forest_key, forest))
+        jobs.append((_forest_key(image, result.forest), forest))
         history = [f"nix store paths: {' '.join(sorted(layer.contents))}" for layer in layers]
         history.append(f"image root: links from {result.forest}, /etc/passwd, /etc/group, /tmp")
         programs = {
@@ -748,11 +756,6 @@ class Builder:
             if os.path.lexists(os.path.join(result.forest, "bin", program))
         }
         cmd = command(image.requested, programs, image.has_bash)
-        # The store lock is held shared from the layer lookups until the
-        # manifest is recorded: gc (exclusive) cannot remove a cached layer
-        # in between.  One worker-thread hop takes the lock and looks up
-        # every layer.
-        lock, blobs = await trio.to_thread.run_sync(self._lock_and_look_up, [k for k, _ in jobs])
         try:
 
             async def write(index: int, key: str, entries: Entries) -> None:
@@ -788,10 +791,19 @@ class Builder:
         )
         return manifests
 
-    def _lock_and_look_up(self, keys: list[str]) -> tuple[int, list[LayerBlob | None]]:
+    def _plan_layers(
+        self, image: Image, result: nix.NixResult
+    ) -> tuple[list[Layer], float, int, list[LayerBlob | None]]:
+        """Group the closure into layers (and when that was done), then take
+        the store lock (shared) and look every layer up (blocking)."""
+        layers = group_layers(result.graph, result.roots, self.popularity,
+                              budget=self.config.layer_budget)  # fmt: skip
+        layered = time.monotonic()
+        keys = [_layer_key(image, layer) for layer in layers]
+        keys.append(_forest_key(image, result.forest))
         lock = self.cas.lock.acquire()
         try:
-            return lock, [self.layer_cache.get(key) for key in keys]
+            return layers, layered, lock, [self.layer_cache.get(key) for key in keys]
         except BaseException:
             os.close(lock)
             raise
