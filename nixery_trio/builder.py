@@ -191,7 +191,10 @@ def _forest_key(image: Image, forest: str) -> str:
 def _index_key(found: list[ImageManifests]) -> str:
     """The memory key of the indexes over these platform manifests (in order)."""
     return "index " + " ".join(
-        manifest.digest for manifests in found for manifest in manifests.by_format.values()
+        manifests.by_format[fmt].digest
+        for manifests in found
+        for fmt in Format
+        if fmt in manifests.by_format
     )
 
 
