@@ -240,6 +240,30 @@ class Manifest:
         return len(self.data)
 
 
+@dataclass
+class BuildProgress:
+    """Where one platform's image build stands, for whoever watches builds.
+
+    ``phase`` is ``queued`` (waiting for a build slot), ``nix``,
+    ``layering``, ``layers`` (writing ``layers_total`` layers, of which
+    ``layers_cached`` were already stored), then ``done``; ``bytes`` counts
+    the compressed bytes of the layers written so far.
+    """
+
+    image: str
+    tag: str
+    platform: str
+    phase: str = "queued"
+    layers_total: int = 0
+    layers_cached: int = 0
+    layers_written: int = 0
+    bytes: int = 0
+
+
+#: Called with a build's progress each time it moves on (on the event loop).
+ProgressHook = Callable[[BuildProgress], None]
+
+
 @dataclass(frozen=True)
 class ImageSettings:
     """What the config says beside the layers: the command, and what each layer holds."""
@@ -351,6 +375,14 @@ class Builder:
         #: Tags asked for that a listing did not have, and when it was made.
         self._absent_tags: dict[str, float] = {}
         self._catalog: tuple[list[str], float] | None = None
+        #: Told of every build's progress (``prefetch`` shows it).
+        self.progress_hooks: list[ProgressHook] = []
+
+    def _report(self, progress: BuildProgress, **changes: int | str) -> None:
+        for name, value in changes.items():
+            setattr(progress, name, value)
+        for hook in self.progress_hooks:
+            hook(progress)
 
     def open(self, clean: bool = True) -> int | None:
         """Create the store's layout and, if ``clean``, serve it and clear crash
@@ -724,8 +756,11 @@ class Builder:
     async def _build_image(
         self, image: Image, image_key: str | None, flight: Flight[ImageManifests]
     ) -> ImageManifests:
+        progress = BuildProgress(image.name, image.tag, image.arch.platform)
+        self._report(progress)
         with flight.droppable():
             slot = await self._slots.acquire(image.name)
+        self._report(progress, phase="nix")
         started = time.monotonic()
         try:
             result = await nix.prepare_image(
@@ -737,6 +772,7 @@ class Builder:
         finally:
             slot.release()
         nix_done = time.monotonic()
+        self._report(progress, phase="layering")
         # Grouping is pure but CPU-bound for big closures, and the lookups
         # block: one worker-thread hop does both.  The store lock is held
         # shared from the layer lookups until the manifest is recorded: gc
@@ -762,9 +798,15 @@ class Builder:
         try:
 
             async def write(index: int, key: str, entries: Entries) -> None:
-                blobs[index] = await self._layers.do(
+                blob = await self._layers.do(
                     key, lambda _: self._write_layer(image, key, entries)
                 )
+                blobs[index] = blob
+                self._report(progress, layers_written=progress.layers_written + 1,
+                             bytes=progress.bytes + blob.size)  # fmt: skip
+
+            cached = sum(blob is not None for blob in blobs)
+            self._report(progress, phase="layers", layers_total=len(jobs), layers_cached=cached)
 
             try:
                 async with trio.open_nursery() as nursery:
@@ -781,6 +823,7 @@ class Builder:
         finally:
             os.close(lock)
         done = time.monotonic()
+        self._report(progress, phase="done")
         logs.info(
             "image.built",
             image=image.name,

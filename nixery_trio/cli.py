@@ -1,4 +1,4 @@
-"""The command line: ``nixery-trio serve`` and friends.
+"""The command line: ``nixery-trio serve``, ``prefetch``, ``fsck`` and ``gc``.
 
 Every flag of ``serve`` also reads a Nixery-compatible environment variable
 (see :data:`nixery_trio.config.SETTINGS`); the values are validated once into
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import resource
 import signal
 import socket
@@ -24,7 +25,7 @@ import hypercorn.config
 import trio
 from hypercorn.utils import repr_socket_addr
 
-from . import httpserver, logs, maintenance, supervisor
+from . import httpserver, logs, maintenance, prefetch, supervisor
 from .builder import Builder
 from .cas import CAS
 from .config import SETTINGS, Config, make_config
@@ -274,6 +275,48 @@ def serve(**raw: str | None) -> None:
     with contextlib.suppress(KeyboardInterrupt):  # before the server watches for SIGINT
         trio.run(run_server, config, popularity)
     logs.info("server.stopped")
+
+
+@main.command("prefetch")
+@_settings_options
+@click.option(
+    "--from-file", "from_file", type=click.File("r"),
+    help="Also build the images listed in this file, one NAME[:TAG] per line ('#' comments).",
+)  # fmt: skip
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the JSON log here (default: warnings and errors to stderr).")  # fmt: skip
+@click.argument("images", nargs=-1)
+def prefetch_command(
+    images: tuple[str, ...], from_file: Any, log_file: Path | None, **raw: str | None
+) -> None:
+    """Build IMAGE[:TAG]... into the store as pulls would, without a client.
+
+    Reads the same settings as serve.  Exits 1 when any image failed, naming each.
+    """
+    refs = [*images, *(prefetch.read_refs(from_file) if from_file else [])]
+    if not refs:
+        raise click.UsageError("name at least one image, or --from-file")
+    if log_file is None:
+        logs.setup(level=logging.WARNING)
+    else:
+        logs.setup(open(log_file, "a"))  # noqa: SIM115 - lives as long as the command
+    try:
+        config = make_config(raw)
+        popularity = load_popularity(config.popularity_url)
+        for ref in refs:
+            prefetch.parse_ref(ref)
+    except (ConfigError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    results = trio.run(prefetch.prefetch, config, popularity, refs)
+    failed = [r for r in results if r.error is not None]
+    for result in results:
+        if result.error is None:
+            digests = ", ".join(f"{kind} {digest}" for kind, digest in result.digests.items())
+            click.echo(f"{result.name}:{result.tag}: {digests}")
+    for result in failed:
+        click.echo(f"failed: {result.name}:{result.tag}: {result.error}", err=True)
+    if failed:
+        sys.exit(1)
 
 
 _storage_option = click.option(
