@@ -49,7 +49,7 @@ from typing import Generic, TypeVar
 import trio
 
 from . import archive, logs, nix
-from .cache import LayerCache, ManifestCache, RecordIndex
+from .cache import MANIFEST_KEYS, LayerCache, ManifestCache, RecordIndex, TagCache
 from .cas import CAS
 from .config import Config
 from .digest import sha256_digest
@@ -186,6 +186,11 @@ def _layer_key(image: Image, layer: Layer) -> str:
 
 def _forest_key(image: Image, forest: str) -> str:
     return f"forest:{IMAGE_LAYOUT}:{':'.join(image.variant)}:{forest}"
+
+
+def _tag_key(name: str, tag: str) -> str:
+    """The memory key of what an offline mirror holds for ``name:tag``."""
+    return f"tag {name}:{tag}"
 
 
 def _index_key(found: list[ImageManifests]) -> str:
@@ -347,7 +352,12 @@ class Builder:
         self.cas = cas
         self.layer_cache = LayerCache(config.storage_path, cas)
         self.manifest_cache = ManifestCache(config.storage_path, cas)
+        self.tag_cache = TagCache(config.storage_path, cas)
         self.popularity = popularity
+        self._nursery = nursery
+        #: What this process last recorded per name:tag (see _record_tag).
+        self._recorded_tags: dict[str, dict[Format, str]] = {}
+        self._recording = 0
         self._images: SingleFlight[ImageManifests] = SingleFlight(nursery)
         self._layers: SingleFlight[LayerBlob] = SingleFlight(nursery)
         self._lock_dir = config.storage_path / "locks"
@@ -392,8 +402,9 @@ class Builder:
         removed = self.cas.open_store(clean=clean)
         self.layer_cache.index.open_index()
         self.manifest_cache.index.open_index()
+        self.tag_cache.index.open_index()
         self._lock_dir.mkdir(exist_ok=True)
-        if isinstance(self.config.source, PathSource):
+        if isinstance(self.config.source, PathSource) and not self.config.offline:
             # Hash the package set's files now, not in the first request:
             # later keys only re-hash files whose stat changed.  The second
             # walk, which only stats them, times what asking will cost.
@@ -414,6 +425,8 @@ class Builder:
             image = self.parse(name, tag)
         except RegistryError:
             return None
+        if self.config.offline:
+            return self._recent_images.get(_tag_key(name, tag))
         memo = self._source_keys.get(tag)
         if memo is None or trio.current_time() - memo[1] >= SOURCE_KEY_SECONDS:
             return None
@@ -443,10 +456,14 @@ class Builder:
     async def manifest_for_tag(self, name: str, tag: str) -> ImageManifests:
         """The manifests of ``name:tag`` (or its indexes), building what is needed."""
         image = self.parse(name, tag)
+        if self.config.offline:
+            return await self._held(name, tag)
         await self._check_tag(name, tag)
         images = self.platform_images(image)
         if len(images) == 1:
-            return await self._image_manifests(images[0])
+            manifests = await self._image_manifests(images[0])
+            self._record_tag(image, manifests, [images[0].arch.platform])
+            return manifests
         found: list[ImageManifests | None] = [None] * len(images)
 
         async def build(index: int, platform_image: Image) -> None:
@@ -459,7 +476,87 @@ class Builder:
         except BaseExceptionGroup as group:
             raise first_registry_error(group) from group
         built = [manifests for manifests in found if manifests is not None]
-        return await self._index(image, built, [i.arch for i in images])
+        indexes = await self._index(image, built, [i.arch for i in images])
+        self._record_tag(image, indexes, [i.arch.platform for i in images])
+        return indexes
+
+    def _record_tag(self, image: Image, manifests: ImageManifests, platforms: list[str]) -> None:
+        """Remember what ``image.name:image.tag`` gave (a mirror's list of what it
+        holds), in the background: the client does not wait for it."""
+        key = _tag_key(image.name, image.tag)
+        digests = {fmt: manifest.digest for fmt, manifest in manifests.by_format.items()}
+        if self._recorded_tags.get(key) == digests:
+            return
+        if len(self._recorded_tags) >= RECENT_ENTRIES:
+            self._recorded_tags.clear()
+        self._recorded_tags[key] = digests
+        index = manifests.single is not None
+
+        async def record() -> None:
+            try:
+                await trio.to_thread.run_sync(
+                    self.tag_cache.put, image.name, image.tag, digests, index, platforms
+                )
+            except RegistryError as exc:  # a full disk: the next pull tries again
+                self._recorded_tags.pop(key, None)
+                logs.warning("tag.unrecorded", image=image.name, tag=image.tag, error=str(exc))
+            finally:
+                self._recording -= 1
+
+        self._recording += 1
+        self._nursery.start_soon(record)
+
+    async def tags_recorded(self) -> None:
+        """Wait until every tag record started so far is written (``prefetch`` ends so)."""
+        while self._recording:
+            await trio.sleep(0.01)
+
+    async def _held(self, name: str, tag: str) -> ImageManifests:
+        """What the store holds for ``name:tag`` (``--offline``), or ManifestUnknown."""
+        key = _tag_key(name, tag)
+        held = self._recent_images.get(key)
+        if held is None:
+            held = await trio.to_thread.run_sync(self._load_tag, name, tag)
+            if held is None:
+                raise ManifestUnknown(
+                    f"{name}:{tag} is not held by this mirror, which serves its store only "
+                    "(--offline) and builds nothing; /v2/_catalog lists the images it holds",
+                    {"name": name, "tag": tag},
+                )
+            self._recent_images.put(key, held)
+        return held
+
+    def _load_tag(self, name: str, tag: str) -> ImageManifests | None:
+        """The documents the tag record names, checked as a cached manifest is."""
+        with self.cas.lock.held():
+            record = self.tag_cache.get(name, tag)
+            if record is None:
+                return None
+            loaded = {}
+            for fmt, key in MANIFEST_KEYS.items():
+                if key in record:
+                    document = self._load_manifest(str(record[key]))
+                    if document is None:
+                        return None
+                    loaded[fmt] = document
+            if not record.get("index"):
+                return ImageManifests(loaded)
+            # The first platform's manifests, for clients that take no index.
+            first = {}
+            for fmt, index in loaded.items():
+                refs = manifest_refs(index.data) or []
+                document = self._load_manifest(refs[0].digest) if refs else None
+                if document is None:
+                    return None
+                first[fmt] = document
+            return ImageManifests(loaded, single=ImageManifests(first))
+
+    async def tags_of(self, name: str) -> list[str] | None:
+        """The tags ``name`` is served with: the source's, or offline, the store's."""
+        if not self.config.offline:
+            return await self.tags()
+        records = await trio.to_thread.run_sync(self.tag_cache.records)
+        return sorted(str(r["tag"]) for r in records if r.get("name") == name)
 
     async def _index(
         self, image: Image, found: list[ImageManifests], arches: list[Arch]
@@ -594,9 +691,13 @@ class Builder:
         :data:`CATALOG_SECONDS` (on a worker thread: it reads every record)."""
         now = trio.current_time()
         if self._catalog is None or now - self._catalog[1] >= CATALOG_SECONDS:
-            names = await trio.to_thread.run_sync(self.manifest_cache.names)
+            names = await trio.to_thread.run_sync(self._names)
             self._catalog = (sorted(names), now)
         return self._catalog[0]
+
+    def _names(self) -> set[str]:
+        tagged = {str(record["name"]) for record in self.tag_cache.records() if "name" in record}
+        return tagged | self.manifest_cache.names()
 
     def recent_by_digest(self, digest: str) -> Manifest | None:
         """The manifest ``digest`` if memory alone can answer, else ``None`` (never blocks)."""

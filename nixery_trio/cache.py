@@ -5,6 +5,7 @@ of the key::
 
     index/layers/<blake3(layer key)>       {digest, diff_id, size}
     index/manifests/<blake3(image key)>    {digest, oci, name}
+    index/tags/<blake3(name:tag)>          {digest, oci, name, tag, index, platforms, at}
 
 A record is ``blake3(payload) || payload`` with ``payload`` a msgpack map
 that repeats its own key.  It is written to a temporary file and renamed,
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -185,3 +187,49 @@ class ManifestCache:
             for _, record in self.index.scan()
             if record is not None and isinstance(record.get("name"), str)
         }
+
+
+class TagCache:
+    """Repository name and tag to what a pull of them got last: its manifest
+    (or, for several platforms, its index) digests by format, and platforms.
+
+    A mirror's list of what it holds: ``serve --offline`` answers tags from
+    it, ``ls`` lists it.  ``at`` is when these digests were first recorded
+    for the tag (a rebuild with the same result keeps it).
+    """
+
+    def __init__(self, root: Path, cas: CAS) -> None:
+        self.index = RecordIndex(root / "index" / "tags", cas.tmp_dir)
+        self.cas = cas
+
+    @staticmethod
+    def _key(name: str, tag: str) -> str:
+        return f"{name}:{tag}"
+
+    def get(self, name: str, tag: str) -> dict[str, Any] | None:
+        """The record of ``name:tag`` if every document it names is stored, else ``None``."""
+        record = self.index.get(self._key(name, tag))
+        if record is None:
+            return None
+        digests = [record.get(key) for key in MANIFEST_KEYS.values() if key in record]
+        try:
+            present = bool(digests) and all(self.cas.size(str(d)) is not None for d in digests)
+        except Exception:  # a malformed digest: not trusted
+            present = False
+        return record if present else None
+
+    def put(
+        self, name: str, tag: str, digests: dict[Format, str], index: bool, platforms: list[str]
+    ) -> None:
+        """Record what ``name:tag`` gave, unless the record already says so."""
+        key = self._key(name, tag)
+        record: dict[str, Any] = {MANIFEST_KEYS[fmt]: digest for fmt, digest in digests.items()}
+        record |= {"name": name, "tag": tag, "index": index, "platforms": platforms}
+        known = self.index.get(key)
+        if known is not None and all(known.get(k) == v for k, v in record.items()):
+            return
+        self.index.put(key, {**record, "at": time.time()})
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every whole record (blocking: reads them all)."""
+        return [record for _, record in self.index.scan() if record is not None]

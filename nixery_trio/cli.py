@@ -1,4 +1,4 @@
-"""The command line: ``nixery-trio serve``, ``prefetch``, ``fsck`` and ``gc``.
+"""The command line: ``nixery-trio serve``, ``prefetch``, ``ls``, ``fsck`` and ``gc``.
 
 Every flag of ``serve`` also reads a Nixery-compatible environment variable
 (see :data:`nixery_trio.config.SETTINGS`); the values are validated once into
@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
+import json
 import logging
 import resource
 import signal
 import socket
 import sys
+import time
 import urllib.request
 from collections.abc import Callable
 from functools import partial
@@ -24,6 +27,8 @@ import click
 import hypercorn.config
 import trio
 from hypercorn.utils import repr_socket_addr
+from rich.console import Console
+from rich.table import Table
 
 from . import httpserver, logs, maintenance, prefetch, supervisor
 from .builder import Builder
@@ -324,6 +329,32 @@ _storage_option = click.option(
     type=click.Path(file_okay=False, path_type=Path),
     help="Directory of the blob store and caches [env STORAGE_PATH].",
 )  # fmt: skip
+
+
+@main.command("ls")
+@_storage_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image, per line.")
+def list_command(storage_path: Path, as_json: bool) -> None:
+    """The images the store holds: tag, platforms, digest, size, created, last pulled."""
+    if not storage_path.is_dir():
+        raise click.ClickException(f"{storage_path} is not a directory")
+    images = maintenance.held_images(storage_path)
+    if as_json:
+        for image in images:
+            click.echo(json.dumps(dataclasses.asdict(image)))
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("IMAGE", "PLATFORMS", "DIGEST", "SIZE", "CREATED", "LAST PULLED"):
+        table.add_column(column, justify="right" if column == "SIZE" else "left")
+    for image in images:
+        table.add_row(f"{image.name}:{image.tag}", ",".join(image.platforms), image.digest,
+                      f"{image.size / 1e6:.1f} MB", _utc(image.created),
+                      _utc(image.last_pulled))  # fmt: skip
+    Console(width=max(200, Console().width)).print(table)
+
+
+def _utc(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when)) if when else "-"
 
 
 @main.command()

@@ -15,7 +15,7 @@ from pathlib import Path
 from .archive import DEFAULT_LEVELS, ENGINE_LEVELS, READ_SIZE, Deflate, engine_available
 from .errors import ConfigError
 from .image import Arch
-from .sources import ChannelSource, GitSource, PathSource, Source
+from .sources import ChannelSource, GitSource, OfflineSource, PathSource, Source
 
 #: The ``nix/`` directory of this checkout (prepare-image.nix, demo set).
 DEFAULT_NIX_DIR = Path(__file__).resolve().parent.parent / "nix"
@@ -50,6 +50,7 @@ class Config:
     any_tag: bool = False
     oci: bool = True
     platforms: tuple[Arch, ...] = (Arch.AMD64,)
+    offline: bool = False
 
     @property
     def deflate(self) -> Deflate:
@@ -180,6 +181,13 @@ SETTINGS: tuple[Setting, ...] = (
         "image).",
         "linux/amd64",
     ),
+    Setting(
+        "--offline",
+        "NIXERY_OFFLINE",
+        "Serve only what the store holds, with no package source and no Nix (1), as an "
+        "air-gapped mirror does; build on demand (0).",
+        "0",
+    ),
 )
 
 
@@ -227,7 +235,7 @@ def _listen(listen: str | None, port: str | None) -> tuple[str, int]:
     return "127.0.0.1", 8080
 
 
-def _source(channel: str | None, repo: str | None, path: str | None) -> Source:
+def _source(channel: str | None, repo: str | None, path: str | None, offline: bool) -> Source:
     given = [
         name
         for name, value in (
@@ -237,6 +245,12 @@ def _source(channel: str | None, repo: str | None, path: str | None) -> Source:
         )
         if value
     ]
+    if offline:
+        if given:
+            raise ConfigError(
+                f"--offline serves the store only: it takes no package source, got {given[0]}"
+            )
+        return OfflineSource()
     if len(given) != 1:
         raise ConfigError(
             "exactly one package source must be set (NIXERY_CHANNEL, NIXERY_PKGS_REPO or "
@@ -256,6 +270,7 @@ def _source(channel: str | None, repo: str | None, path: str | None) -> Source:
 def make_config(raw: dict[str, str | None]) -> Config:
     """Validate raw settings (keyed by flag name without dashes, ``_`` for ``-``)."""
     host, port = _listen(raw.get("listen"), raw.get("port"))
+    offline = bool(_int("NIXERY_OFFLINE", raw.get("offline") or "0", 0, 1))
     backend = raw.get("storage_backend") or "filesystem"
     if backend != "filesystem":
         raise ConfigError(f"NIXERY_STORAGE_BACKEND {backend!r} is not supported; use filesystem")
@@ -264,7 +279,7 @@ def make_config(raw: dict[str, str | None]) -> Config:
         raise ConfigError("STORAGE_PATH (--storage-path) must be set for the filesystem backend")
     timeout = _seconds("NIX_TIMEOUT", raw.get("nix_timeout"), "60")
     nix_dir = Path(raw.get("nix_dir") or DEFAULT_NIX_DIR).resolve()
-    if not (nix_dir / "prepare-image.nix").is_file():
+    if not offline and not (nix_dir / "prepare-image.nix").is_file():
         raise ConfigError(f"{nix_dir}/prepare-image.nix not found (set NIXERY_NIX_DIR)")
     threads = _int("NIXERY_BUILD_THREADS", raw.get("build_threads") or "0", 0, 256)
     engine = raw.get("deflate_engine") or "isal"
@@ -283,7 +298,7 @@ def make_config(raw: dict[str, str | None]) -> Config:
     return Config(
         host=host,
         port=port,
-        source=_source(raw.get("channel"), raw.get("pkgs_repo"), raw.get("pkgs_path")),
+        source=_source(raw.get("channel"), raw.get("pkgs_repo"), raw.get("pkgs_path"), offline),
         storage_path=Path(storage).resolve(),
         nix_timeout=timeout,
         popularity_url=raw.get("popularity_url") or None,
@@ -307,4 +322,5 @@ def make_config(raw: dict[str, str | None]) -> Config:
         any_tag=bool(_int("NIXERY_ANY_TAG", raw.get("any_tag") or "0", 0, 1)),
         oci=bool(_int("NIXERY_OCI", raw.get("oci") or "1", 0, 1)),
         platforms=_platforms(raw.get("platforms")),
+        offline=offline,
     )

@@ -104,6 +104,13 @@ class ManifestUnknown(RegistryError):
     status = 404
 
 
+class NameUnknown(RegistryError):
+    """No repository of that name here (an offline mirror that holds no tag of it)."""
+
+    code = "NAME_UNKNOWN"
+    status = 404
+
+
 class TagInvalid(ManifestUnknown):
     """The reference is no valid tag, so no manifest has it (404, as any unknown tag)."""
 

@@ -1,4 +1,5 @@
-"""Operator commands on a store: ``fsck`` checks it, ``gc`` shrinks it.
+"""Operator commands on a store: ``fsck`` checks it, ``gc`` shrinks it,
+``held_images`` lists the tags it holds (``nixery-trio ls``).
 
 **fsck** re-hashes every blob against its name, decompresses every cached
 layer to check its ``diff_id``, and checks every cache record: that it is
@@ -32,7 +33,7 @@ from pathlib import Path
 import zstandard
 from isal import isal_zlib
 
-from .cache import MANIFEST_KEYS, LayerCache, ManifestCache, RecordIndex
+from .cache import MANIFEST_KEYS, LayerCache, ManifestCache, RecordIndex, TagCache
 from .cas import CAS
 from .digest import parse_digest
 from .errors import DigestInvalid
@@ -52,7 +53,7 @@ _READ = 1 << 20
 class Finding:
     """One thing fsck found wrong, and whether it was repaired."""
 
-    kind: str  # "blob", "tmp", "layer-record", "manifest-record"
+    kind: str  # "blob", "tmp", "layer-record", "manifest-record", "tag-record"
     name: str
     problem: str
     repaired: bool = False
@@ -133,8 +134,10 @@ class _Store:
         self.cas = CAS(root)
         self.layers = LayerCache(root, self.cas)
         self.manifests = ManifestCache(root, self.cas)
+        self.tags = TagCache(root, self.cas)
         for directory in (self.cas.blob_dir, self.layers.index.directory,
-                          self.manifests.index.directory, self.cas.tmp_dir):  # fmt: skip
+                          self.manifests.index.directory, self.tags.index.directory,
+                          self.cas.tmp_dir):  # fmt: skip
             directory.mkdir(parents=True, exist_ok=True)
 
     def blobs(self) -> Iterator[tuple[str, os.stat_result]]:
@@ -181,7 +184,24 @@ def fsck(root: Path, repair: bool = False) -> list[Finding]:
         problem = _manifest_problem(store, record, good)
         if problem:
             found("manifest-record", path.name, problem, path)
+
+    for path, record in store.tags.index.scan():
+        problem = _tag_problem(record, good)
+        if problem:
+            found("tag-record", path.name, problem, path)
     return findings
+
+
+def _tag_problem(record: dict[str, object] | None, good: set[str]) -> str | None:
+    if record is None:
+        return "torn, corrupt or misnamed record"
+    digests = [record[key] for key in MANIFEST_KEYS.values() if key in record]
+    if not digests:
+        return "names no manifest"
+    for digest in digests:
+        if not isinstance(digest, str) or digest not in good:
+            return f"names {digest} which is missing or corrupt"
+    return None
 
 
 def _layer_problem(
@@ -290,7 +310,7 @@ def gc(root: Path, max_size: int, grace: float = 900, now: float | None = None) 
 def _records_by_digest(store: _Store) -> dict[str, list[Path]]:
     by_digest: dict[str, list[Path]] = {}
     index: RecordIndex
-    for index in (store.layers.index, store.manifests.index):
+    for index in (store.layers.index, store.manifests.index, store.tags.index):
         for path, record in index.scan():
             # A layer record's blob, or any manifest a manifest record names.
             for key in ("digest", *MANIFEST_KEYS.values()):
@@ -316,3 +336,60 @@ def parse_size(text: str) -> int:
     if value < 0:
         raise ValueError(f"a size cannot be negative: {text!r}")
     return int(value * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class HeldImage:
+    """One tag the store holds (``nixery-trio ls``).
+
+    ``digest`` is what a pull by tag gets (OCI's, else Docker's); ``size``
+    the bytes of every distinct blob it takes, for every platform and
+    format; ``created`` when this tag first gave these digests and
+    ``last_pulled`` when one of its manifests was last served (the server
+    refreshes that at most once a minute).
+    """
+
+    name: str
+    tag: str
+    platforms: tuple[str, ...]
+    digest: str
+    size: int
+    created: float
+    last_pulled: float
+
+
+def held_images(root: Path) -> list[HeldImage]:
+    """The tags the store holds, by name and tag, and what each takes."""
+    store = _Store(root)
+    held = []
+    for record in TagCache(root, store.cas).records():
+        tops = [str(record[key]) for key in ("oci", "digest") if key in record]
+        if not tops:
+            continue
+        sizes: dict[str, int] = {}
+        last_pulled = 0.0
+        documents = list(tops)
+        while documents:
+            digest = documents.pop()
+            if digest in sizes:
+                continue
+            path = store.cas.path(digest)
+            try:
+                stat = path.stat()
+            except (OSError, DigestInvalid):
+                continue
+            sizes[digest] = stat.st_size
+            last_pulled = max(last_pulled, stat.st_mtime)
+            data = store.cas.read_bytes(digest, _MANIFEST_LIMIT)
+            for ref in (None if data is None else manifest_refs(data)) or []:
+                if is_index(data or b""):
+                    documents.append(ref.digest)  # a platform's manifest: read it too
+                elif ref.digest not in sizes:
+                    sizes[ref.digest] = store.cas.size(ref.digest) or 0
+        held.append(HeldImage(
+            name=str(record.get("name")), tag=str(record.get("tag")),
+            platforms=tuple(str(p) for p in record.get("platforms", ())),
+            digest=tops[0], size=sum(sizes.values()),
+            created=float(record.get("at", 0.0)), last_pulled=last_pulled,
+        ))  # fmt: skip
+    return sorted(held, key=lambda image: (image.name, image.tag))

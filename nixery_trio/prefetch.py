@@ -102,6 +102,7 @@ async def prefetch(
                     await trio.sleep(REFRESH_SECONDS)
         if not live.console.is_terminal:
             live.console.line()  # the table's last line, ended
+        await builder.tags_recorded()
         nursery.cancel_scope.cancel()  # the builder's background tasks
     return results
 

@@ -7,7 +7,8 @@ Routes (everything under ``/v2/``)::
     GET|HEAD /v2/<name>/manifests/<tag>    build if needed, then serve (OCI or Docker)
     GET|HEAD /v2/<name>/manifests/<digest> a stored manifest
     GET|HEAD /v2/<name>/blobs/<digest>     config and layers, with Range
-    GET|HEAD /v2/<name>/tags/list          the source's tags (any name builds), by pages
+    GET|HEAD /v2/<name>/tags/list          the source's tags (any name builds), or an
+                                           offline mirror's for that name, by pages
     GET|HEAD /v2/<name>/referrers/<digest> an empty OCI index: nothing refers to anything
 
 Quart's URL routing only splits off ``/v2/``; the rest is parsed here,
@@ -40,6 +41,7 @@ from .errors import (
     HeadersTooLarge,
     InternalError,
     ManifestUnknown,
+    NameUnknown,
     NotFound,
     RegistryError,
     StorageError,
@@ -308,7 +310,10 @@ def create_app(builder: Builder) -> FastLane:
         if route.kind is Kind.BASE:
             return Response(b"{}", status=200, content_type="application/json")
         if route.kind is Kind.TAGS:
-            tags = await builder.tags() or [LATEST]
+            tags = await builder.tags_of(route.name)
+            if builder.config.offline and not tags:
+                raise NameUnknown(f"this mirror holds no image {route.name}", {"name": route.name})
+            tags = tags or [LATEST]
             return _listing({"name": route.name}, "tags", tags, f"/v2/{route.name}/tags/list")
         if route.kind is Kind.CATALOG:
             return _listing({}, "repositories", await builder.catalog(), "/v2/_catalog")

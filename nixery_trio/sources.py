@@ -196,3 +196,26 @@ def _file_hash(path: str) -> bytes:
         while chunk := f.read(1 << 20):
             hasher.update(chunk)
     return hasher.digest()
+
+
+@dataclass(frozen=True)
+class OfflineSource:
+    """No package source: a mirror serving what its store holds (``--offline``).
+
+    Nothing is ever built, so nothing asks it for a package set; the tags it
+    serves are those the store's tag records hold, per image.
+    """
+
+    src_type: str = "offline"
+
+    def render(self, tag: str) -> dict[str, Any]:
+        raise RuntimeError("an offline mirror builds nothing")
+
+    def cache_key(self, tag: str) -> str | None:
+        return None
+
+    def describe(self) -> str:
+        return "none: an offline mirror of its store"
+
+    def tags(self) -> list[str] | None:
+        return None

@@ -89,8 +89,10 @@ def start_server(
     extra: Sequence[str] = (),
     storage: Path | None = None,
     wrapper: Sequence[str] = (),
+    env: dict[str, str] | None = None,
 ) -> Server:
-    """Start ``nixery-trio serve`` on a free port of 127.0.0.1 (run by ``wrapper``, if given)."""
+    """Start ``nixery-trio serve`` on a free port of 127.0.0.1 (run by ``wrapper``, if
+    given; with ``env`` added to its environment)."""
     workdir.mkdir(parents=True, exist_ok=True)
     storage = storage or workdir / "store"
     log_path = workdir / f"server-{time.monotonic_ns()}.log"
@@ -102,7 +104,8 @@ def start_server(
         *source, *extra,
     ]  # fmt: skip
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=log, env=nix_env(), cwd=REPO)
+        process = subprocess.Popen(argv, stdout=log, stderr=log, env=nix_env() | (env or {}),
+                                   cwd=REPO)  # fmt: skip
     server = Server(process, log_path, storage, "")
 
     def started() -> str | None:

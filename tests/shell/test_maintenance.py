@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from nixery_trio import archive
-from nixery_trio.cache import LayerCache, ManifestCache
+from nixery_trio.cache import LayerCache, ManifestCache, TagCache
 from nixery_trio.cas import CAS
 from nixery_trio.digest import sha256_digest
 from nixery_trio.image import Arch
-from nixery_trio.maintenance import fsck, gc, parse_size
+from nixery_trio.maintenance import fsck, gc, held_images, parse_size
 from nixery_trio.manifest import Format, LayerBlob, build_config, build_manifest
 
 
@@ -137,6 +137,28 @@ def test_fsck_checks_zstd_layers_too(store: Store) -> None:
     path.rename(store.cas.path(sha256_digest(path.read_bytes())))
     (finding,) = fsck(store.root)
     assert "diff_id" in finding.problem and "(None)" in finding.problem
+
+
+def test_fsck_and_gc_look_after_tag_records(store: Store) -> None:
+    image = store.image("img", [store.layer("one", 3000)])
+    tags = TagCache(store.root, store.cas)
+    tags.index.open_index()
+    tags.put("hello", "latest", image.recorded, index=False, platforms=["linux/amd64"])
+    tags.put("gone", "latest", {Format.OCI: "sha256:" + "a" * 64}, index=False, platforms=[])
+    (finding,) = fsck(store.root)
+    assert finding.kind == "tag-record" and "missing" in finding.problem
+    assert [(h.name, h.tag) for h in held_images(store.root)] == [
+        ("gone", "latest"), ("hello", "latest")
+    ]  # fmt: skip
+    fsck(store.root, repair=True)
+    assert fsck(store.root) == []
+    # gc of the image's blobs drops the tag record naming its manifest too.
+    layers = [layer.digest for layer in image.layers]
+    for digest in (image.manifest, image.oci, image.config, *layers):
+        store.age(digest, 10_000)
+    report = gc(store.root, max_size=0, grace=60, now=1_000_000)
+    assert report.records_removed >= 2 and tags.get("hello", "latest") is None
+    assert fsck(store.root) == [] and held_images(store.root) == []
 
 
 def test_gc_removes_least_recently_used_images_first(store: Store) -> None:

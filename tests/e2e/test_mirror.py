@@ -1,0 +1,151 @@
+"""A mirror: images prefetched into a store with no client, listed, then served
+by a server with Nix (from its cache) or offline, without it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from nixery_trio import maintenance
+
+from .clients import chroot, skopeo_copy, umoci_unpack
+from .conftest import MULTIARCH
+from .server import DEMO, REPO, nix_env, start_server
+
+EVERYTHING = (
+    "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, "
+    "application/vnd.docker.distribution.manifest.list.v2+json, "
+    "application/vnd.docker.distribution.manifest.v2+json"
+)
+
+
+def prefetch(storage: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [
+        sys.executable, "-m", "nixery_trio", "prefetch",
+        "--pkgs-path", str(DEMO), "--storage-path", str(storage),
+        "--popularity-url", str(DEMO / "popularity.json"), *args,
+    ]  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, timeout=600, env=nix_env(),
+                          cwd=REPO)  # fmt: skip
+
+
+def printed_digests(stdout: str) -> dict[str, dict[str, str]]:
+    """``NAME:TAG: kind digest, kind digest`` lines, by NAME:TAG."""
+    found = {}
+    for line in stdout.splitlines():
+        ref, sep, rest = line.partition(": ")
+        if sep and rest.startswith(("oci ", "docker ")):
+            found[ref] = dict(part.rsplit(" ", 1) for part in rest.split(", "))
+    return found
+
+
+def test_prefetched_images_are_served_without_running_nix(tmp_path: Path) -> None:
+    storage = tmp_path / "store"
+    listing = tmp_path / "images.txt"
+    listing.write_text("# the mirror's images\nshell/hello\n\nzstd/hello:latest  # zstd\n")
+    done = prefetch(storage, *MULTIARCH, "--from-file", str(listing), "hello")
+    assert done.returncode == 0, done.stderr
+    digests = printed_digests(done.stdout)
+    assert set(digests) == {"hello:latest", "shell/hello:latest", "zstd/hello:latest"}
+    assert set(digests["hello:latest"]) == {"oci index", "docker list"}
+    assert set(digests["zstd/hello:latest"]) == {"oci index"}  # zstd: OCI only
+    assert "done" in done.stdout  # the progress table's last state
+
+    with start_server(tmp_path / "serve", storage=storage, extra=MULTIARCH) as server:
+        for ref, kinds in digests.items():
+            name = ref.split(":")[0]
+            response = httpx.get(f"{server.url}/v2/{name}/manifests/latest", timeout=60,
+                                 headers={"Accept": EVERYTHING})  # fmt: skip
+            assert response.status_code == 200, response.text
+            assert response.headers["docker-content-digest"] == kinds["oci index"]
+        assert server.count("nix.build") == 0
+        assert server.count("layer.built") == 0
+
+    # Prefetching again finds everything built: nothing to do, same digests.
+    again = prefetch(storage, *MULTIARCH, "--from-file", str(listing), "hello")
+    assert again.returncode == 0, again.stderr
+    assert printed_digests(again.stdout) == digests
+    assert "cached" in again.stdout
+
+
+def test_prefetch_names_what_failed_and_builds_the_rest(tmp_path: Path) -> None:
+    done = prefetch(tmp_path / "store", "hello", "hello/no-such-package", "broken")
+    assert done.returncode == 1
+    assert "hello:latest: oci manifest sha256:" in done.stdout
+    assert "failed: hello/no-such-package:latest: " in done.stderr
+    assert "no-such-package" in done.stderr
+    assert "failed: broken:latest: " in done.stderr
+
+
+def test_prefetch_refuses_what_is_not_an_image_reference(tmp_path: Path) -> None:
+    for ref in ("Hello", "hello@sha256:" + "0" * 64, "../x"):
+        refused = prefetch(tmp_path / "store", ref)
+        assert refused.returncode != 0
+        assert "Error:" in refused.stderr, refused.stderr
+    assert prefetch(tmp_path / "store").returncode != 0  # nothing named
+
+
+def test_an_offline_mirror_serves_what_it_holds_without_nix(tmp_path: Path) -> None:
+    storage = tmp_path / "store"
+    done = prefetch(storage, *MULTIARCH, "hello", "zstd/hello")
+    assert done.returncode == 0, done.stderr
+    assert prefetch(storage, "arm64/hello").returncode == 0
+    digests = printed_digests(done.stdout)
+
+    listed = subprocess.run(
+        [sys.executable, "-m", "nixery_trio", "ls", "--storage-path", str(storage), "--json"],
+        capture_output=True, text=True, check=True, cwd=REPO,
+    ).stdout  # fmt: skip
+    held = {f"{i['name']}:{i['tag']}": i for i in map(json.loads, listed.splitlines())}
+    assert set(held) == {"hello:latest", "zstd/hello:latest", "arm64/hello:latest"}
+    assert held["hello:latest"]["platforms"] == ["linux/amd64", "linux/arm64"]
+    assert held["hello:latest"]["digest"] == digests["hello:latest"]["oci index"]
+    assert held["arm64/hello:latest"]["platforms"] == ["linux/arm64"]
+    assert all(i["size"] > 1_000_000 and i["created"] > 0 for i in held.values())
+
+    # No package source, and no Nix: an empty PATH.
+    empty = tmp_path / "no-bin"
+    empty.mkdir()
+    with start_server(tmp_path / "serve", source=(), storage=storage, env={"PATH": str(empty)},
+                      extra=("--offline", "1", "--workers", "1")) as mirror:  # fmt: skip
+        index = httpx.get(f"{mirror.url}/v2/hello/manifests/latest", timeout=60,
+                          headers={"Accept": EVERYTHING})  # fmt: skip
+        assert index.headers["docker-content-digest"] == digests["hello:latest"]["oci index"]
+        # A client that takes no index gets the first platform's manifest.
+        oci_only = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+        single = httpx.get(f"{mirror.url}/v2/hello/manifests/latest", headers=oci_only)
+        assert single.headers["docker-content-digest"] == index.json()["manifests"][0]["digest"]
+        for name in ("zstd/hello", "arm64/hello"):
+            response = httpx.get(f"{mirror.url}/v2/{name}/manifests/latest", timeout=60,
+                                 headers={"Accept": EVERYTHING})  # fmt: skip
+            assert response.status_code == 200, response.text
+        missing = httpx.get(f"{mirror.url}/v2/shell/hello/manifests/latest", timeout=60)
+        assert missing.status_code == 404
+        [error] = missing.json()["errors"]
+        assert error["code"] == "MANIFEST_UNKNOWN" and "not held by this mirror" in error["message"]
+        catalog = httpx.get(f"{mirror.url}/v2/_catalog", timeout=60).json()
+        assert catalog == {"repositories": ["arm64/hello", "hello", "zstd/hello"]}
+        tags = httpx.get(f"{mirror.url}/v2/hello/tags/list", timeout=60).json()
+        assert tags == {"name": "hello", "tags": ["latest"]}
+        unknown = httpx.get(f"{mirror.url}/v2/shell/hello/tags/list", timeout=60)
+        assert unknown.status_code == 404 and unknown.json()["errors"][0]["code"] == "NAME_UNKNOWN"
+        # A real client pulls and runs from it.
+        skopeo_copy(mirror.host, "hello:latest", tmp_path / "oci")
+        rootfs = umoci_unpack(tmp_path / "oci", tmp_path / "bundle")
+        assert chroot(rootfs, "/bin/hello").stdout == "Hello, world!\n"
+        assert mirror.count("nix.build") == 0
+    assert maintenance.fsck(storage) == []
+
+
+def test_offline_takes_no_package_source(tmp_path: Path) -> None:
+    refused = subprocess.run(
+        [sys.executable, "-m", "nixery_trio", "serve", "--offline", "1", "--pkgs-path", str(DEMO),
+         "--storage-path", str(tmp_path / "store")],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "--offline serves the store only" in refused.stderr
