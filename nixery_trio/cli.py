@@ -12,6 +12,7 @@ import ctypes
 import dataclasses
 import json
 import logging
+import os
 import resource
 import signal
 import socket
@@ -30,7 +31,7 @@ from hypercorn.utils import repr_socket_addr
 from rich.console import Console
 from rich.table import Table
 
-from . import httpserver, logs, maintenance, prefetch, supervisor
+from . import bundle, httpserver, logs, maintenance, prefetch, supervisor
 from .builder import Builder
 from .cas import CAS
 from .config import SETTINGS, Config, make_config
@@ -329,6 +330,42 @@ _storage_option = click.option(
     type=click.Path(file_okay=False, path_type=Path),
     help="Directory of the blob store and caches [env STORAGE_PATH].",
 )  # fmt: skip
+
+
+@main.command("export")
+@_storage_option
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The bundle to write (an OCI image layout archive, a plain tar).")  # fmt: skip
+@click.option("--since", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="An earlier bundle: leave out the blobs it carried.")  # fmt: skip
+@click.argument("images", nargs=-1)
+def export_command(
+    storage_path: Path, output: Path, since: Path | None, images: tuple[str, ...]
+) -> None:
+    """Write IMAGE[:TAG]... (default: every tag the store holds) into one bundle.
+
+    The same store gives the same bytes.
+    """
+    if not storage_path.is_dir():
+        raise click.ClickException(f"{storage_path} is not a directory")
+    partial_path = output.with_name(output.name + ".part")
+    try:
+        with open(partial_path, "wb") as out:
+            exported = bundle.export(storage_path, out, images, since)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial_path, output)
+    except bundle.BundleError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        partial_path.unlink(missing_ok=True)
+    click.echo(
+        f"export: {len(exported.refs)} image(s), {exported.blobs} blob(s), {exported.size} bytes"
+        + (f"; {exported.left_out} blob(s) left to {since}" if since else "")
+        + f" -> {output}"
+    )
+    for ref in exported.refs:
+        click.echo(f"  {ref}")
 
 
 @main.command("ls")

@@ -3,16 +3,20 @@ by a server with Nix (from its cache) or offline, without it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
+import tarfile
+import tempfile
 from pathlib import Path
 
 import httpx
 
 from nixery_trio import maintenance
+from nixery_trio.bundle import DOCKER_ANNOTATION, PLATFORMS_ANNOTATION, REF_NAME
 
-from .clients import chroot, skopeo_copy, umoci_unpack
+from .clients import Containerd, chroot, podman, run, skopeo_copy, umoci_unpack
 from .conftest import MULTIARCH
 from .server import DEMO, REPO, nix_env, start_server
 
@@ -149,3 +153,80 @@ def test_offline_takes_no_package_source(tmp_path: Path) -> None:
     )  # fmt: skip
     assert refused.returncode != 0
     assert "--offline serves the store only" in refused.stderr
+
+
+def nixery(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "nixery_trio", *args], capture_output=True,
+                            text=True, timeout=600, cwd=REPO)  # fmt: skip
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def members(bundle: Path) -> dict[str, bytes]:
+    with tarfile.open(bundle, "r:") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}  # type: ignore[union-attr]
+
+
+def test_export_writes_one_checkable_bundle_that_clients_read(
+    tmp_path: Path, containerd: Containerd, arm64_emulation: object
+) -> None:
+    storage = tmp_path / "store"
+    assert prefetch(storage, *MULTIARCH, "hello", "zstd/hello").returncode == 0
+    assert prefetch(storage, "shell/hello").returncode == 0
+    full, again, one = tmp_path / "full.tar", tmp_path / "again.tar", tmp_path / "one.tar"
+    nixery("export", "--storage-path", str(storage), "-o", str(full))
+    nixery("export", "--storage-path", str(storage), "-o", str(again))
+    assert full.read_bytes() == again.read_bytes()  # one store, one bundle
+    files = members(full)
+    assert json.loads(files["oci-layout"]) == {"imageLayoutVersion": "1.0.0"}
+    index = json.loads(files["index.json"])
+    refs = [entry["annotations"][REF_NAME] for entry in index["manifests"]]
+    assert refs == ["hello:latest", "shell/hello:latest", "zstd/hello:latest"]
+    blobs = {name for name in files if name.startswith("blobs/")}
+    for name in blobs:
+        assert hashlib.sha256(files[name]).hexdigest() == name.rsplit("/", 1)[1]
+    hello = index["manifests"][0]
+    assert hello["mediaType"] == "application/vnd.oci.image.index.v1+json"
+    assert hello["annotations"][PLATFORMS_ANNOTATION] == "linux/amd64,linux/arm64"
+    docker_list = hello["annotations"][DOCKER_ANNOTATION]
+    assert f"blobs/sha256/{docker_list.split(':')[1]}" in blobs  # both formats travel
+    assert DOCKER_ANNOTATION not in index["manifests"][2]["annotations"]  # zstd: OCI only
+
+    # skopeo picks each platform out of it; what it copied runs.
+    for arch in ("amd64", "arm64"):
+        layout = tmp_path / f"oci-{arch}"
+        run(["skopeo", "--insecure-policy", "--override-arch", arch, "copy",
+             f"oci-archive:{full}:hello:latest", f"oci:{layout}:image"])  # fmt: skip
+        rootfs = umoci_unpack(layout, tmp_path / f"bundle-{arch}")
+        assert chroot(rootfs, "/bin/hello").stdout == "Hello, world!\n"
+    # ctr imports every image of it, by its full name.
+    containerd.ctr("image", "import", "--all-platforms", str(full))
+    listed = containerd.ctr("image", "ls", "-q").stdout.split()
+    assert {"hello:latest", "shell/hello:latest", "zstd/hello:latest"} <= set(listed)
+    ran = containerd.ctr("run", "--rm", "hello:latest", "bundle-hello", timeout=120)
+    assert ran.stdout.strip() == "Hello, world!"
+    # podman 4.3 loads a bundle of one image, and pulls any image of a full one.
+    nixery("export", "--storage-path", str(storage), "-o", str(one), "shell/hello")
+    with tempfile.TemporaryDirectory(prefix="pm", dir="/tmp") as workdir:
+        loaded = podman(Path(workdir), "load", "-i", str(one))
+        assert "shell/hello:latest" in loaded.stdout
+        podman(Path(workdir), "pull", f"oci-archive:{full}:zstd/hello:latest")
+        names = podman(Path(workdir), "images", "--format", "{{.Repository}}").stdout.split()
+        assert {"localhost/shell/hello", "localhost/zstd/hello"} <= set(names)
+
+    # A delta after a fourth image carries only what the full bundle did not.
+    assert prefetch(storage, "chain-a").returncode == 0
+    delta = tmp_path / "delta.tar"
+    nixery("export", "--storage-path", str(storage), "-o", str(delta), "--since", str(full))
+    delta_files = members(delta)
+    delta_blobs = {name for name in delta_files if name.startswith("blobs/")}
+    assert delta_blobs and not delta_blobs & blobs
+    delta_refs = [e["annotations"][REF_NAME]
+                  for e in json.loads(delta_files["index.json"])["manifests"]]  # fmt: skip
+    assert delta_refs == ["chain-a:latest", *refs]
+
+    refused = nixery("export", "--storage-path", str(storage), "-o", str(tmp_path / "x.tar"),
+                     "no-such-image", check=False)  # fmt: skip
+    assert refused.returncode != 0 and "holds no image no-such-image" in refused.stderr
+    assert not (tmp_path / "x.tar").exists()
