@@ -1,4 +1,5 @@
-"""Bundles: the images a store holds, as one OCI image layout archive (``export``).
+"""Bundles: the images a store holds, as one OCI image layout archive
+(``export``), and back into a store (``import``).
 
 A bundle is what an air-gapped mirror is filled from: a plain tar holding an
 OCI image layout, which skopeo (``oci-archive:``), ``podman load`` and
@@ -11,10 +12,10 @@ OCI image layout, which skopeo (``oci-archive:``), ``podman load`` and
 Each entry of ``index.json`` is the document an OCI client pulling the tag
 gets (an OCI image index for a multi-platform image), annotated with
 ``org.opencontainers.image.ref.name`` = ``name:tag`` (the full reference,
-as ``ctr`` and ``podman`` name what they load) and, when the image has
-Docker manifests too, the digest of Docker's document
-(:data:`DOCKER_ANNOTATION`): its blobs are in the bundle, so an importing
-registry serves both formats.  Every platform the tag has is in it.
+as ``ctr`` and ``podman`` name what they load), its platforms, when the
+store first recorded it and, when the image has Docker manifests too, the
+digest of Docker's document (:data:`DOCKER_ANNOTATION`): its blobs are in
+the bundle, so an importing registry serves both formats.  Every platform the tag has is in it.
 
 The bytes depend only on what the store holds for the chosen tags: entries
 sorted, every header the same fixed ustar/pax fields ``archive.py`` writes
@@ -26,17 +27,21 @@ image): a weekly delta moves only what is new.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from .archive import tar_header
 from .cache import MANIFEST_KEYS, TagCache
 from .cas import CAS
+from .digest import parse_digest
+from .errors import DigestInvalid
 from .manifest import OCI_INDEX, Format, canonical_json, document_type, is_index, manifest_refs
 
 #: The annotation naming an image in an OCI layout.
@@ -45,6 +50,9 @@ REF_NAME = "org.opencontainers.image.ref.name"
 DOCKER_ANNOTATION = "dev.nixery-trio.docker.digest"
 #: The annotation carrying the platforms of the image, comma-separated.
 PLATFORMS_ANNOTATION = "dev.nixery-trio.platforms"
+#: The annotation carrying when the store first gave these digests for the
+#: tag (seconds since the epoch, as ``nixery-trio ls`` shows it).
+CREATED_ANNOTATION = "dev.nixery-trio.created"
 LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 #: Documents (manifests, indexes) are small; what is bigger is a layer.
 DOCUMENT_LIMIT = 4 << 20
@@ -82,7 +90,8 @@ def export(
         for digest in docs.values():
             digests |= _closure(cas, digest)
         annotations = {REF_NAME: f"{record['name']}:{record['tag']}",
-                       PLATFORMS_ANNOTATION: ",".join(record.get("platforms", []))}  # fmt: skip
+                       PLATFORMS_ANNOTATION: ",".join(record.get("platforms", [])),
+                       CREATED_ANNOTATION: repr(float(record.get("at", 0.0)))}  # fmt: skip
         if Format.OCI in docs and Format.DOCKER in docs:
             annotations[DOCKER_ANNOTATION] = docs[Format.DOCKER]
         data = _read(cas, top)
@@ -179,3 +188,175 @@ def bundle_index(path: Path) -> dict[str, Any]:
         if member is None:
             raise BundleError(f"{path} has no index.json")
         return dict(json.loads(member.read()))
+
+
+# ---------------------------------------------------------------------------
+# Import: a bundle (or a base and its deltas) into a store, all or nothing.
+
+
+@dataclass(frozen=True)
+class Imported:
+    """What an import added: the tags, and the blobs new to the store."""
+
+    refs: list[str]
+    blobs: int
+
+
+def import_bundles(root: Path, paths: list[Path]) -> Imported:
+    """Load ``paths`` (a bundle, or a base then deltas made ``--since`` it) into
+    the store at ``root``.
+
+    Every blob is hashed against its name as it is read, into temporary
+    files; then every image's documents and everything they name must be
+    there (in these bundles or already in the store).  Only then do the
+    blobs become visible (renamed into place, fsynced) and the tags
+    recorded.  Any problem raises :class:`BundleError` naming it, with the
+    store as it was.  Safe beside a server on the same store.
+    """
+    cas = CAS(root)
+    cas.open_store(clean=True)  # counts as a server: nobody clears our temporary files
+    tags = TagCache(root, cas)
+    tags.index.open_index()
+    staged: dict[str, Path] = {}
+    try:
+        entries: list[tuple[Path, dict[str, Any]]] = []
+        for path in paths:
+            entries += [(path, entry) for entry in _stage(cas, path, staged)]
+        records = [_checked(cas, staged, path, entry) for path, entry in entries]
+        with cas.lock.held():
+            for digest, temporary in sorted(staged.items()):
+                os.replace(temporary, cas.path(digest))
+            cas.sync_dir()
+            for record in records:
+                tags.put(**record)
+        new = len(staged)
+        staged.clear()
+    finally:
+        for temporary in staged.values():
+            temporary.unlink(missing_ok=True)
+    return Imported([f"{r['name']}:{r['tag']}" for r in records], new)
+
+
+def _stage(cas: CAS, path: Path, staged: dict[str, Path]) -> list[dict[str, Any]]:
+    """Hash ``path``'s blobs into temporary files; its ``index.json`` entries."""
+    index: dict[str, Any] | None = None
+    layout = False
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                name = member.name
+                if name == "oci-layout" and member.isfile():
+                    reader = tar.extractfile(member)
+                    layout = reader is not None and json.loads(reader.read()) == json.loads(LAYOUT)
+                elif name == "index.json" and member.isfile():
+                    reader = tar.extractfile(member)
+                    index = json.loads(reader.read()) if reader is not None else None
+                elif name.startswith("blobs/sha256/") and member.isfile():
+                    digest = "sha256:" + name.removeprefix("blobs/sha256/")
+                    parse_digest(digest)
+                    reader = tar.extractfile(member)
+                    if reader is None:
+                        raise BundleError(f"{path}: {name} cannot be read")
+                    _stage_blob(cas, path, digest, reader, member.size, staged)
+                elif not member.isdir():
+                    raise BundleError(f"{path}: {name} is not part of an OCI image layout")
+    except (tarfile.TarError, EOFError) as exc:
+        raise BundleError(f"{path} is not a whole tar (truncated or damaged): {exc}") from exc
+    except ValueError as exc:  # JSON, or a blob name that is no digest
+        raise BundleError(f"{path}: {exc}") from exc
+    except OSError as exc:
+        raise BundleError(f"cannot read {path}: {exc}") from exc
+    if not layout or index is None or not isinstance(index.get("manifests"), list):
+        raise BundleError(f"{path} is not an OCI image layout (oci-layout and index.json)")
+    return list(index["manifests"])
+
+
+def _stage_blob(cas: CAS, bundle: Path, digest: str, reader: IO[bytes], size: int,
+                staged: dict[str, Path]) -> None:  # fmt: skip
+    """Hash one blob of the bundle, refusing it unless it is ``digest``; copy it
+    into a temporary file unless the store (or an earlier bundle of this
+    import) has it already.  A blob that is not needed is checked all the
+    same: a damaged bundle is refused whatever it would have added."""
+    needed = digest not in staged and cas.size(digest) != size
+    hasher = hashlib.sha256()
+    temporary = cas.tmp_dir / f"{secrets.token_hex(12)}.import"
+    with open(temporary if needed else os.devnull, "wb") as out:
+        if needed:
+            staged[digest] = temporary
+        while chunk := reader.read(_COPY):
+            hasher.update(chunk)
+            out.write(chunk)
+        if needed:
+            out.flush()
+            os.fsync(out.fileno())
+    if "sha256:" + hasher.hexdigest() != digest:
+        raise BundleError(f"{bundle}: blob {digest} does not hash to its name: it was damaged")
+
+
+def _checked(cas: CAS, staged: dict[str, Path], bundle: Path, entry: Any) -> dict[str, Any]:
+    """The tag record of one ``index.json`` entry, once everything it names is there."""
+    try:
+        annotations = entry["annotations"]
+        ref = str(annotations[REF_NAME])
+        name, _, tag = ref.rpartition(":")
+        top = parse_digest(str(entry["digest"]))
+    except (TypeError, KeyError, DigestInvalid) as exc:
+        raise BundleError(f"{bundle}: index.json has an entry that is not an image: {exc}") from exc
+    if not name or not tag:
+        raise BundleError(f"{bundle}: image {ref!r} is not named NAME:TAG")
+    docs = {document_type(_staged_bytes(cas, staged, bundle, top, ref)): top}
+    docker = annotations.get(DOCKER_ANNOTATION)
+    if docker is not None:
+        docs[document_type(_staged_bytes(cas, staged, bundle, str(docker), ref))] = str(docker)
+    digests: dict[Format, str] = {}
+    index = False
+    for media_type, digest in docs.items():
+        fmt = next((f for f in Format if media_type in (f.manifest_type, f.index_type)), None)
+        if fmt is None:
+            raise BundleError(f"{bundle}: {ref} names {digest}, which is no manifest or index")
+        index = media_type == fmt.index_type
+        digests[fmt] = digest
+        _check_closure(cas, staged, bundle, digest, ref)
+    platforms = [p for p in str(annotations.get(PLATFORMS_ANNOTATION, "")).split(",") if p]
+    try:
+        at: float | None = float(annotations[CREATED_ANNOTATION])
+    except (KeyError, TypeError, ValueError):
+        at = None
+    return {"name": name, "tag": tag, "digests": digests, "index": index,
+            "platforms": platforms, "at": at}  # fmt: skip
+
+
+def _check_closure(cas: CAS, staged: dict[str, Path], bundle: Path, digest: str, ref: str) -> None:
+    data = _staged_bytes(cas, staged, bundle, digest, ref)
+    refs = manifest_refs(data)
+    if refs is None:
+        raise BundleError(f"{bundle}: {ref} names {digest}, which is no manifest or index")
+    for blob in refs:
+        held = staged.get(blob.digest)
+        size = held.stat().st_size if held is not None else cas.size(blob.digest)
+        if size is None:
+            raise BundleError(
+                f"{bundle}: {ref} needs blob {blob.digest}, which neither the bundle nor the "
+                "store holds: a delta needs its base bundle imported first (or with it)"
+            )
+        if size != blob.size:
+            raise BundleError(
+                f"{bundle}: blob {blob.digest} has {size} bytes, {ref} says {blob.size}"
+            )
+        if is_index(data):
+            _check_closure(cas, staged, bundle, blob.digest, ref)
+
+
+def _staged_bytes(cas: CAS, staged: dict[str, Path], bundle: Path, digest: str, ref: str) -> bytes:
+    path = staged.get(digest) or cas.path(digest)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(DOCUMENT_LIMIT + 1)
+    except (OSError, DigestInvalid):
+        data = None
+    if data is None or len(data) > DOCUMENT_LIMIT:
+        raise BundleError(
+            f"{bundle}: {ref} needs {digest}, which neither the bundle nor the store holds: "
+            "a delta needs its base bundle imported first (or with it)"
+        )
+    return data

@@ -219,16 +219,18 @@ class TagCache:
         return record if present else None
 
     def put(
-        self, name: str, tag: str, digests: dict[Format, str], index: bool, platforms: list[str]
+        self, name: str, tag: str, digests: dict[Format, str], index: bool, platforms: list[str],
+        at: float | None = None,
     ) -> None:
-        """Record what ``name:tag`` gave, unless the record already says so."""
+        """Record what ``name:tag`` gave, unless the record already says so;
+        ``at`` when it first did (default: now)."""
         key = self._key(name, tag)
         record: dict[str, Any] = {MANIFEST_KEYS[fmt]: digest for fmt, digest in digests.items()}
         record |= {"name": name, "tag": tag, "index": index, "platforms": platforms}
         known = self.index.get(key)
         if known is not None and all(known.get(k) == v for k, v in record.items()):
             return
-        self.index.put(key, {**record, "at": time.time()})
+        self.index.put(key, {**record, "at": time.time() if at is None else at})
 
     def records(self) -> list[dict[str, Any]]:
         """Every whole record (blocking: reads them all)."""

@@ -1,4 +1,5 @@
-"""The command line: ``nixery-trio serve``, ``prefetch``, ``ls``, ``fsck`` and ``gc``.
+"""The command line: ``nixery-trio serve``, ``prefetch``, ``ls``, ``export``, ``import``,
+``fsck`` and ``gc``.
 
 Every flag of ``serve`` also reads a Nixery-compatible environment variable
 (see :data:`nixery_trio.config.SETTINGS`); the values are validated once into
@@ -365,6 +366,26 @@ def export_command(
         + f" -> {output}"
     )
     for ref in exported.refs:
+        click.echo(f"  {ref}")
+
+
+@main.command("import")
+@_storage_option
+@click.argument("bundles", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))  # fmt: skip
+def import_command(storage_path: Path, bundles: tuple[Path, ...]) -> None:
+    """Load BUNDLE... (a base, then the deltas made --since it) into the store.
+
+    Every blob and every image's references are checked before anything
+    becomes visible; a damaged or incomplete bundle leaves the store as it
+    was.  Safe while a server serves the store.
+    """
+    try:
+        imported = bundle.import_bundles(storage_path, list(bundles))
+    except bundle.BundleError as exc:
+        raise click.ClickException(f"nothing imported: {exc}") from exc
+    click.echo(f"import: {len(imported.refs)} image(s), {imported.blobs} new blob(s)")
+    for ref in imported.refs:
         click.echo(f"  {ref}")
 
 

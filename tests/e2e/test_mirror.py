@@ -16,7 +16,7 @@ import httpx
 from nixery_trio import maintenance
 from nixery_trio.bundle import DOCKER_ANNOTATION, PLATFORMS_ANNOTATION, REF_NAME
 
-from .clients import Containerd, chroot, podman, run, skopeo_copy, umoci_unpack
+from .clients import Containerd, Dockerd, chroot, podman, run, skopeo_copy, umoci_unpack
 from .conftest import MULTIARCH
 from .server import DEMO, REPO, nix_env, start_server
 
@@ -230,3 +230,94 @@ def test_export_writes_one_checkable_bundle_that_clients_read(
                      "no-such-image", check=False)  # fmt: skip
     assert refused.returncode != 0 and "holds no image no-such-image" in refused.stderr
     assert not (tmp_path / "x.tar").exists()
+
+
+def store_state(storage: Path) -> tuple[list[str], list[str]]:
+    """Every file of a store but its locks, and what ls says: to see it unchanged."""
+    files = sorted(str(p.relative_to(storage)) for p in storage.rglob("*")
+                   if p.is_file() and p.name not in ("lock", "serving"))  # fmt: skip
+    return files, nixery("ls", "--storage-path", str(storage), "--json").stdout.splitlines()
+
+
+def test_a_mirror_filled_from_bundles_serves_every_client_offline(
+    tmp_path: Path, containerd: Containerd, dockerd: Dockerd, arm64_emulation: object
+) -> None:
+    # Instance A: three images (one for two platforms), a bundle, then a
+    # fourth image and a delta bundle.
+    a = tmp_path / "a"
+    assert prefetch(a, *MULTIARCH, "hello").returncode == 0
+    assert prefetch(a, "shell/hello", "zstd/hello").returncode == 0
+    full, delta = tmp_path / "full.tar", tmp_path / "delta.tar"
+    nixery("export", "--storage-path", str(a), "-o", str(full))
+    assert prefetch(a, "nonroot/hello").returncode == 0
+    nixery("export", "--storage-path", str(a), "-o", str(delta), "--since", str(full))
+
+    # Instance B refuses damaged or incomplete bundles, and stays as it was.
+    b = tmp_path / "b"
+    nixery("import", "--storage-path", str(b), str(full))
+    before = store_state(b)
+    data = full.read_bytes()
+    flipped, truncated = tmp_path / "flipped.tar", tmp_path / "truncated.tar"
+    middle = len(data) // 2
+    flipped.write_bytes(data[:middle] + bytes([data[middle] ^ 0x01]) + data[middle + 1:])
+    truncated.write_bytes(data[: len(data) - 3000])
+    fresh = tmp_path / "fresh"
+    for bad, why in ((flipped, "damaged"), (truncated, "truncated"), (delta, "base")):
+        for target in (b, fresh):
+            if bad is delta and target is b:
+                continue  # b has the base: that one imports
+            refused = nixery("import", "--storage-path", str(target), str(bad), check=False)
+            assert refused.returncode != 0, bad
+            assert "nothing imported" in refused.stderr and why in refused.stderr, refused.stderr
+    assert store_state(b) == before
+    assert maintenance.fsck(b) == [] and maintenance.fsck(fresh) == []
+    assert nixery("ls", "--storage-path", str(fresh), "--json").stdout == ""
+
+    # The delta after its base, and a base and delta in one go.
+    nixery("import", "--storage-path", str(b), str(delta))
+    nixery("import", "--storage-path", str(fresh), str(full), str(delta))
+    def held(store: Path) -> list[tuple[str, str, str, int]]:
+        return [(i["name"], i["tag"], i["digest"], i["size"])
+                for i in map(json.loads, store_state(store)[1])]  # fmt: skip
+
+    assert held(fresh) == held(b)
+    refs = [name for name, *_ in held(b)]
+    # ls on the mirror tells when instance A first built each tag.
+    listed_a = nixery("ls", "--storage-path", str(a), "--json").stdout.splitlines()
+    created_a = {i["name"]: i["created"] for i in map(json.loads, listed_a)}
+    created_b = {i["name"]: i["created"] for i in map(json.loads, store_state(b)[1])}
+    assert created_b == created_a
+    assert refs == ["hello", "nonroot/hello", "shell/hello", "zstd/hello"]
+    assert maintenance.fsck(b) == []
+
+    # Served offline, with no Nix: every client pulls all four, and runs them.
+    empty = tmp_path / "no-bin"
+    empty.mkdir()
+    with start_server(tmp_path / "serve", source=(), storage=b, env={"PATH": str(empty)},
+                      extra=("--offline", "1", "--workers", "1")) as mirror:  # fmt: skip
+        host = mirror.host
+        for name in refs:
+            skopeo_copy(host, f"{name}:latest", tmp_path / f"oci-{name.replace('/', '-')}")
+        rootfs = umoci_unpack(tmp_path / "oci-hello", tmp_path / "unpacked")
+        assert chroot(rootfs, "/bin/hello").stdout == "Hello, world!\n"
+        for name in refs:
+            containerd.ctr("image", "pull", "--plain-http", f"{host}/{name}:latest")
+            dockerd.docker("pull", f"{host}/{name}:latest")
+        containerd.ctr("image", "pull", "--plain-http", "--platform", "linux/arm64",
+                       f"{host}/hello:latest")  # fmt: skip
+        ran = containerd.ctr("run", "--rm", "--platform", "linux/arm64", f"{host}/hello:latest",
+                             "mirror-arm64", timeout=120)  # fmt: skip
+        assert ran.stdout.strip() == "Hello, world!"
+        nonroot = f"{host}/nonroot/hello"
+        ran_docker = dockerd.docker("run", "--rm", "--network", "none", nonroot, timeout=120)
+        assert ran_docker.stdout == "Hello, world!\n"
+        inspected = json.loads(dockerd.docker("image", "inspect", nonroot).stdout)[0]
+        assert inspected["Config"]["User"] == "65532:65532"
+        with tempfile.TemporaryDirectory(prefix="pm", dir="/tmp") as workdir:
+            for name in refs:
+                podman(Path(workdir), "pull", "--tls-verify=false", f"{host}/{name}:latest")
+            result = podman(Path(workdir), "run", "--rm", "--network", "none",
+                            "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096",
+                            f"{host}/zstd/hello:latest", timeout=120)  # fmt: skip
+            assert result.stdout == "Hello, world!\n"
+        assert mirror.count("nix.build") == 0
