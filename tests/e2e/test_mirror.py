@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -27,10 +29,10 @@ EVERYTHING = (
 )
 
 
-def prefetch(storage: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def prefetch(storage: Path, *args: str, pkgs: Path = DEMO) -> subprocess.CompletedProcess[str]:
     argv = [
         sys.executable, "-m", "nixery_trio", "prefetch",
-        "--pkgs-path", str(DEMO), "--storage-path", str(storage),
+        "--pkgs-path", str(pkgs), "--storage-path", str(storage),
         "--popularity-url", str(DEMO / "popularity.json"), *args,
     ]  # fmt: skip
     return subprocess.run(argv, capture_output=True, text=True, timeout=600, env=nix_env(),
@@ -321,3 +323,47 @@ def test_a_mirror_filled_from_bundles_serves_every_client_offline(
                             f"{host}/zstd/hello:latest", timeout=120)  # fmt: skip
             assert result.stdout == "Hello, world!\n"
         assert mirror.count("nix.build") == 0
+
+
+def nix(*argv: str) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=300,
+                          env=nix_env()).stdout  # fmt: skip
+
+
+def test_nix_substitutes_an_image_closure_from_a_file_binary_cache(tmp_path: Path) -> None:
+    """The Nix side of an air gap (docs/airgap.md): a closure copied into a
+    ``file://`` binary cache, gone from the store, comes back from the cache
+    with no builder run (``max-jobs = 0`` forbids local builds)."""
+    demo = tmp_path / "demo"
+    shutil.copytree(DEMO, demo, symlinks=True)
+    (demo / "test-nonce").write_text(secrets.token_hex(8))  # `slow`, new to this store
+    built = prefetch(tmp_path / "a", "slow", pkgs=demo)
+    assert built.returncode == 0, built.stderr
+    slow = nix("nix-build", "--no-out-link", str(demo), "-A", "slow").strip()
+    # The package and what prepare-image made of it (forest, closure graph, result).
+    paths = nix("nix-store", "--query", "--referrers-closure", slow).split()
+    assert len(paths) >= 4
+    cache = tmp_path / "cache"
+    nix("nix", "--extra-experimental-features", "nix-command", "copy", "--to",
+        f"file://{cache}", *paths)  # fmt: skip
+    nix("nix-store", "--delete", *paths)
+    assert not Path(slow).exists()
+
+    no_builds = "max-jobs = 0\nrequire-sigs = false\n"
+    without = {"NIX_CONFIG": "substituters =\n" + no_builds}
+    with start_server(tmp_path / "b0", source=("--pkgs-path", str(demo)), env=without,
+                      extra=("--workers", "1")) as server:  # fmt: skip
+        refused = httpx.get(f"{server.url}/v2/slow/manifests/latest", timeout=120)
+        # Nothing to substitute, and building is not allowed: Nix says so.
+        assert refused.status_code == 500, refused.text
+        assert "unable to start any build" in refused.json()["errors"][0]["message"]
+    with_cache = {"NIX_CONFIG": f"substituters = file://{cache}\n" + no_builds}
+    with start_server(tmp_path / "b1", source=("--pkgs-path", str(demo)), env=with_cache,
+                      extra=("--workers", "1")) as server:  # fmt: skip
+        pulled = httpx.get(f"{server.url}/v2/slow/manifests/latest", timeout=120,
+                           headers={"Accept": EVERYTHING})  # fmt: skip
+        assert pulled.status_code == 200, pulled.text
+    assert Path(slow).exists()
+    assert pulled.headers["docker-content-digest"] == printed_digests(built.stdout)[
+        "slow:latest"
+    ]["oci manifest"]
