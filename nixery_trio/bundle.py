@@ -7,7 +7,13 @@ OCI image layout, which skopeo (``oci-archive:``), ``podman load`` and
 
     oci-layout                  {"imageLayoutVersion": "1.0.0"}
     index.json                  one entry per name:tag, its OCI manifest or index
+    manifest.json               the same images for `docker load` and `podman load`
     blobs/sha256/<hex>          every blob the images take, in digest order
+
+``manifest.json`` makes the same tar a ``docker save`` archive too (each
+image's first platform, its layers named by their paths under ``blobs/``):
+podman 4.3 loads an OCI archive only when it holds one image, and Docker's
+``load`` reads no OCI archive at all.
 
 Each entry of ``index.json`` is the document an OCI client pulling the tag
 gets (an OCI image index for a multi-platform image), annotated with
@@ -82,6 +88,7 @@ def export(
     cas = CAS(root)
     records = _chosen(TagCache(root, cas).records(), list(names))
     entries: list[dict[str, Any]] = []
+    loadable: list[dict[str, Any]] = []
     refs: list[str] = []
     digests: set[str] = set()
     for record in records:
@@ -98,19 +105,43 @@ def export(
         refs.append(annotations[REF_NAME])
         entries.append({"mediaType": document_type(data), "digest": top, "size": len(data),
                         "annotations": annotations})  # fmt: skip
+        loadable.append(_docker_archive_entry(cas, docs, annotations[REF_NAME]))
     carried = _bundle_blobs(since) if since is not None else set()
     included = sorted(digests - carried)
     index = canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries})
     size = 0
-    for name, data in (("oci-layout", LAYOUT), ("index.json", index)):
+    manifest = canonical_json(loadable)
+    for name, data in (("oci-layout", LAYOUT), ("index.json", index), ("manifest.json", manifest)):
         size += _write_member(out, name, len(data), [data])
     for digest in included:
         path = cas.path(digest)
-        size += _write_member(out, f"blobs/sha256/{digest.split(':', 1)[1]}",
-                              path.stat().st_size, _chunks(path))  # fmt: skip
+        size += _write_member(out, _member_name(digest), path.stat().st_size,
+                              _chunks(path))  # fmt: skip
     out.write(bytes(2 * _BLOCK))
     size += 2 * _BLOCK
     return Exported(refs, len(included), len(digests & carried), size)
+
+
+def _docker_archive_entry(cas: CAS, docs: dict[Format, str], ref: str) -> dict[str, Any]:
+    """The image's entry in ``manifest.json``, the index of the ``docker save``
+    format, naming the first platform's config and layers by their paths in
+    this same tar: ``podman load`` (which takes an OCI archive of one image
+    only) and ``docker load`` read every image of the bundle from it."""
+    digest = docs.get(Format.DOCKER) or docs[Format.OCI]
+    data = _read(cas, digest)
+    if is_index(data):
+        refs = manifest_refs(data) or []
+        data = _read(cas, refs[0].digest)
+    config, *layers = manifest_refs(data) or []
+    return {
+        "Config": _member_name(config.digest),
+        "RepoTags": [ref],
+        "Layers": [_member_name(layer.digest) for layer in layers],
+    }
+
+
+def _member_name(digest: str) -> str:
+    return f"blobs/sha256/{digest.split(':', 1)[1]}"
 
 
 def _chosen(records: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
@@ -248,6 +279,8 @@ def _stage(cas: CAS, path: Path, staged: dict[str, Path]) -> list[dict[str, Any]
                 if name == "oci-layout" and member.isfile():
                     reader = tar.extractfile(member)
                     layout = reader is not None and json.loads(reader.read()) == json.loads(LAYOUT)
+                elif name == "manifest.json" and member.isfile():
+                    pass  # the docker save index of the same blobs: index.json says it all
                 elif name == "index.json" and member.isfile():
                     reader = tar.extractfile(member)
                     index = json.loads(reader.read()) if reader is not None else None

@@ -171,7 +171,7 @@ def members(bundle: Path) -> dict[str, bytes]:
 
 
 def test_export_writes_one_checkable_bundle_that_clients_read(
-    tmp_path: Path, containerd: Containerd, arm64_emulation: object
+    tmp_path: Path, containerd: Containerd, dockerd: Dockerd, arm64_emulation: object
 ) -> None:
     storage = tmp_path / "store"
     assert prefetch(storage, *MULTIARCH, "hello", "zstd/hello").returncode == 0
@@ -208,11 +208,24 @@ def test_export_writes_one_checkable_bundle_that_clients_read(
     assert {"hello:latest", "shell/hello:latest", "zstd/hello:latest"} <= set(listed)
     ran = containerd.ctr("run", "--rm", "hello:latest", "bundle-hello", timeout=120)
     assert ran.stdout.strip() == "Hello, world!"
-    # podman 4.3 loads a bundle of one image, and pulls any image of a full one.
+    # podman loads every image of it (from its docker-save index: podman 4.3
+    # loads an OCI archive of one image only), and pulls any image of it.
     nixery("export", "--storage-path", str(storage), "-o", str(one), "shell/hello")
     with tempfile.TemporaryDirectory(prefix="pm", dir="/tmp") as workdir:
-        loaded = podman(Path(workdir), "load", "-i", str(one))
-        assert "shell/hello:latest" in loaded.stdout
+        loaded = podman(Path(workdir), "load", "-i", str(full)).stdout
+        for ref in refs:
+            assert ref in loaded, loaded
+        result = podman(Path(workdir), "run", "--rm", "--network", "none",
+                        "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096",
+                        "zstd/hello:latest", timeout=120)  # fmt: skip
+        assert result.stdout == "Hello, world!\n"
+    # Docker loads it too, as a docker save archive.
+    loaded = dockerd.docker("load", "-i", str(full)).stdout
+    assert all(f"Loaded image: {ref}" in loaded for ref in refs), loaded
+    ran_docker = dockerd.docker("run", "--rm", "--network", "none", "hello:latest", timeout=120)
+    assert ran_docker.stdout == "Hello, world!\n"
+    with tempfile.TemporaryDirectory(prefix="pm", dir="/tmp") as workdir:
+        assert "shell/hello:latest" in podman(Path(workdir), "load", "-i", str(one)).stdout
         podman(Path(workdir), "pull", f"oci-archive:{full}:zstd/hello:latest")
         names = podman(Path(workdir), "images", "--format", "{{.Repository}}").stdout.split()
         assert {"localhost/shell/hello", "localhost/zstd/hello"} <= set(names)
