@@ -47,7 +47,7 @@ from .archive import tar_header
 from .cache import MANIFEST_KEYS, TagCache
 from .cas import CAS
 from .digest import parse_digest
-from .errors import DigestInvalid
+from .errors import DigestInvalid, RegistryError
 from .manifest import OCI_INDEX, Format, canonical_json, document_type, is_index, manifest_refs
 
 #: The annotation naming an image in an OCI layout.
@@ -254,12 +254,17 @@ def import_bundles(root: Path, paths: list[Path]) -> Imported:
         for path in paths:
             entries += [(path, entry) for entry in _stage(cas, path, staged)]
         records = [_checked(cas, staged, path, entry) for path, entry in entries]
-        with cas.lock.held():
-            for digest, temporary in sorted(staged.items()):
-                os.replace(temporary, cas.path(digest))
-            cas.sync_dir()
-            for record in records:
-                tags.put(**record)
+        try:
+            with cas.lock.held():
+                for digest, temporary in sorted(staged.items()):
+                    os.replace(temporary, cas.path(digest))
+                cas.sync_dir()
+                for record in records:
+                    tags.put(**record)
+        except (OSError, RegistryError) as exc:
+            # Blobs already renamed are whole and stay (gc removes them if
+            # nothing names them); no tag was recorded unless all its blobs are in.
+            raise BundleError(f"storing the images failed: {exc}") from exc
         new = len(staged)
         staged.clear()
     finally:
@@ -313,15 +318,18 @@ def _stage_blob(cas: CAS, bundle: Path, digest: str, reader: IO[bytes], size: in
     needed = digest not in staged and cas.size(digest) != size
     hasher = hashlib.sha256()
     temporary = cas.tmp_dir / f"{secrets.token_hex(12)}.import"
-    with open(temporary if needed else os.devnull, "wb") as out:
-        if needed:
-            staged[digest] = temporary
-        while chunk := reader.read(_COPY):
-            hasher.update(chunk)
-            out.write(chunk)
-        if needed:
-            out.flush()
-            os.fsync(out.fileno())
+    try:
+        with open(temporary if needed else os.devnull, "wb") as out:
+            if needed:
+                staged[digest] = temporary
+            while chunk := reader.read(_COPY):
+                hasher.update(chunk)
+                out.write(chunk)
+            if needed:
+                out.flush()
+                os.fsync(out.fileno())
+    except OSError as exc:  # reading a bundle that ends early is a TarError, not this
+        raise BundleError(f"cannot write into the store: {exc}") from exc
     if "sha256:" + hasher.hexdigest() != digest:
         raise BundleError(f"{bundle}: blob {digest} does not hash to its name: it was damaged")
 
