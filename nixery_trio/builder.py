@@ -58,6 +58,7 @@ from .image import Arch, Image, parse_image
 from .layers import Layer, group_layers
 from .locks import BuildSlots, KeyLocks
 from .manifest import (
+    DOCUMENT_LIMIT,
     OCI_MANIFEST,
     Format,
     LayerBlob,
@@ -66,10 +67,10 @@ from .manifest import (
     build_manifest,
     command,
     convert_manifest,
-    document_type,
     index_formats,
     manifest_refs,
     negotiate,
+    parse_document,
 )
 from .rootfs import user
 from .sources import COMMIT, LATEST, GitSource, PathSource
@@ -83,8 +84,6 @@ Entries = Callable[[], Iterable[archive.Entry]]
 #: config), part of every image key: a server that adds something new builds
 #: anew rather than serve images made without it.
 IMAGE_LAYOUT = 2
-#: Manifests are small; anything bigger in the CAS is not one of ours.
-MANIFEST_LIMIT = 4 << 20
 #: Seconds between two refreshes of a manifest's "last used" time.
 TOUCH_INTERVAL = 60
 #: Seconds a checked manifest is served from memory, and how many are kept.
@@ -814,19 +813,17 @@ class Builder:
         ``gc`` reads as "last used": it never removes a manifest, or a blob
         one names, that was used within its grace period.
         """
-        data = self.cas.read_bytes(digest, MANIFEST_LIMIT)
-        if data is None:
+        data = self.cas.read_bytes(digest, DOCUMENT_LIMIT)
+        document = None if data is None else parse_document(data)
+        if data is None or document is None:
             return None
-        media_type, refs = document_type(data), manifest_refs(data)
-        if media_type is None or refs is None:
-            return None
-        if any(self.cas.size(r.digest) != r.size for r in refs):
+        if any(self.cas.size(r.digest) != r.size for r in document.refs):
             return None
         path = self.cas.path(digest)
         with contextlib.suppress(OSError):
             if time.time() - path.stat().st_mtime > TOUCH_INTERVAL:
                 os.utime(path)
-        return Manifest(data=data, digest=digest, media_type=media_type)
+        return Manifest(data=data, digest=digest, media_type=document.media_type)
 
     async def _build_once(
         self,
@@ -888,7 +885,7 @@ class Builder:
         ]
         forest = partial(archive.forest_entries, result.forest, image.nonroot)
         jobs.append((_forest_key(image, result.forest), forest))
-        history = [f"nix store paths: {' '.join(sorted(layer.contents))}" for layer in layers]
+        history = [f"nix store paths: {' '.join(layer.contents)}" for layer in layers]
         history.append(f"image root: links from {result.forest}, /etc/passwd, /etc/group, /tmp")
         programs = {
             name: program
@@ -974,7 +971,8 @@ class Builder:
         documents = {
             fmt: build_manifest(config_digest=config_digest, config_size=len(config),
                                 layers=layers, fmt=fmt, compression=image.compression)
-            for fmt in (Format if image.compression == "gzip" else [Format.OCI])
+            for fmt in Format
+            if fmt.holds(image.compression)
         }  # fmt: skip
         _, *stored = self.cas.put_many([config, *documents.values()])
         digests = dict(zip(documents, stored, strict=True))

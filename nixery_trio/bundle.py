@@ -40,6 +40,7 @@ import secrets
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
@@ -48,7 +49,16 @@ from .cache import MANIFEST_KEYS, TagCache
 from .cas import CAS
 from .digest import parse_digest
 from .errors import DigestInvalid, RegistryError
-from .manifest import OCI_INDEX, Format, canonical_json, document_type, is_index, manifest_refs
+from .manifest import (
+    DOCUMENT_LIMIT,
+    INDEX_FORMATS,
+    MANIFEST_FORMATS,
+    OCI_INDEX,
+    Format,
+    canonical_json,
+    closure,
+    parse_document,
+)
 
 #: The annotation naming an image in an OCI layout.
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -60,10 +70,12 @@ PLATFORMS_ANNOTATION = "dev.nixery-trio.platforms"
 #: tag (seconds since the epoch, as ``nixery-trio ls`` shows it).
 CREATED_ANNOTATION = "dev.nixery-trio.created"
 LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
-#: Documents (manifests, indexes) are small; what is bigger is a layer.
-DOCUMENT_LIMIT = 4 << 20
 _BLOCK = 512
 _COPY = 1 << 20
+_NO_BASE = (
+    "which neither the bundle nor the store holds: a delta needs its base bundle "
+    "imported first (or with it)"
+)
 
 
 class BundleError(Exception):
@@ -94,16 +106,17 @@ def export(
     for record in records:
         docs = {fmt: str(record[key]) for fmt, key in MANIFEST_KEYS.items() if key in record}
         top = docs.get(Format.OCI) or docs[Format.DOCKER]
-        for digest in docs.values():
-            digests |= _closure(cas, digest)
+        digests |= _stored_closure(cas, docs.values())
         annotations = {REF_NAME: f"{record['name']}:{record['tag']}",
                        PLATFORMS_ANNOTATION: ",".join(record.get("platforms", [])),
                        CREATED_ANNOTATION: repr(float(record.get("at", 0.0)))}  # fmt: skip
         if Format.OCI in docs and Format.DOCKER in docs:
             annotations[DOCKER_ANNOTATION] = docs[Format.DOCKER]
         data = _read(cas, top)
+        document = parse_document(data)
+        assert document is not None  # _stored_closure read it
         refs.append(annotations[REF_NAME])
-        entries.append({"mediaType": document_type(data), "digest": top, "size": len(data),
+        entries.append({"mediaType": document.media_type, "digest": top, "size": len(data),
                         "annotations": annotations})  # fmt: skip
         loadable.append(_docker_archive_entry(cas, docs, annotations[REF_NAME]))
     carried = _bundle_blobs(since) if since is not None else set()
@@ -127,12 +140,11 @@ def _docker_archive_entry(cas: CAS, docs: dict[Format, str], ref: str) -> dict[s
     format, naming the first platform's config and layers by their paths in
     this same tar: ``podman load`` (which takes an OCI archive of one image
     only) and ``docker load`` read every image of the bundle from it."""
-    digest = docs.get(Format.DOCKER) or docs[Format.OCI]
-    data = _read(cas, digest)
-    if is_index(data):
-        refs = manifest_refs(data) or []
-        data = _read(cas, refs[0].digest)
-    config, *layers = manifest_refs(data) or []
+    document = parse_document(_read(cas, docs.get(Format.DOCKER) or docs[Format.OCI]))
+    if document is not None and document.is_index:
+        document = parse_document(_read(cas, document.refs[0].digest))
+    assert document is not None  # _stored_closure read them
+    config, *layers = document.refs
     return {
         "Config": _member_name(config.digest),
         "RepoTags": [ref],
@@ -158,18 +170,18 @@ def _chosen(records: list[dict[str, Any]], names: list[str]) -> list[dict[str, A
     return [chosen[ref] for ref in sorted(chosen)]
 
 
-def _closure(cas: CAS, digest: str) -> set[str]:
-    """``digest`` and every blob it names, through indexes and manifests."""
-    data = _read(cas, digest)
-    refs = manifest_refs(data)
-    if refs is None:
-        raise BundleError(f"{digest} is not a manifest or index")
-    found = {digest}
-    for ref in refs:
-        if cas.size(ref.digest) != ref.size:
-            raise BundleError(f"{digest} names {ref.digest}, which the store lacks (run fsck)")
-        found |= _closure(cas, ref.digest) if is_index(data) else {ref.digest}
-    return found
+def _stored_closure(cas: CAS, tops: Iterable[str]) -> set[str]:
+    """Every blob the documents ``tops`` name, all checked to be in the store."""
+    try:
+        found = closure(tops, lambda digest: cas.read_bytes(digest, DOCUMENT_LIMIT))
+    except LookupError as exc:
+        raise BundleError(f"the store lacks {exc} (run fsck)") from exc
+    except ValueError as exc:
+        raise BundleError(f"the store is damaged: {exc} (run fsck)") from exc
+    for digest, size in found.blobs.items():
+        if cas.size(digest) != size:
+            raise BundleError(f"the store lacks {digest}, or it is damaged (run fsck)")
+    return set(found.blobs)
 
 
 def _read(cas: CAS, digest: str) -> bytes:
@@ -345,19 +357,29 @@ def _checked(cas: CAS, staged: dict[str, Path], bundle: Path, entry: Any) -> dic
         raise BundleError(f"{bundle}: index.json has an entry that is not an image: {exc}") from exc
     if not name or not tag:
         raise BundleError(f"{bundle}: image {ref!r} is not named NAME:TAG")
-    docs = {document_type(_staged_bytes(cas, staged, bundle, top, ref)): top}
-    docker = annotations.get(DOCKER_ANNOTATION)
-    if docker is not None:
-        docs[document_type(_staged_bytes(cas, staged, bundle, str(docker), ref))] = str(docker)
+    tops = [top, *([str(annotations[DOCKER_ANNOTATION])] if DOCKER_ANNOTATION in annotations
+                   else [])]  # fmt: skip
+    try:
+        found = closure(tops, partial(_staged_bytes, cas, staged))
+    except LookupError as exc:
+        raise BundleError(f"{bundle}: {ref} needs {exc}, {_NO_BASE}") from exc
+    except ValueError as exc:
+        raise BundleError(f"{bundle}: {ref}: {exc}") from exc
+    for digest, named in found.blobs.items():
+        held = staged.get(digest)
+        size = held.stat().st_size if held is not None else cas.size(digest)
+        if size is None:
+            raise BundleError(f"{bundle}: {ref} needs blob {digest}, {_NO_BASE}")
+        if size != named:
+            raise BundleError(f"{bundle}: blob {digest} has {size} bytes, {ref} says {named}")
     digests: dict[Format, str] = {}
     index = False
-    for media_type, digest in docs.items():
-        fmt = next((f for f in Format if media_type in (f.manifest_type, f.index_type)), None)
-        if fmt is None:
-            raise BundleError(f"{bundle}: {ref} names {digest}, which is no manifest or index")
-        index = media_type == fmt.index_type
+    for digest in tops:
+        document = parse_document(_staged_bytes(cas, staged, digest) or b"")
+        assert document is not None  # closure read it
+        fmt = MANIFEST_FORMATS.get(document.media_type) or INDEX_FORMATS[document.media_type]
         digests[fmt] = digest
-        _check_closure(cas, staged, bundle, digest, ref)
+        index = document.is_index
     platforms = [p for p in str(annotations.get(PLATFORMS_ANNOTATION, "")).split(",") if p]
     try:
         at: float | None = float(annotations[CREATED_ANNOTATION])
@@ -367,37 +389,11 @@ def _checked(cas: CAS, staged: dict[str, Path], bundle: Path, entry: Any) -> dic
             "platforms": platforms, "at": at}  # fmt: skip
 
 
-def _check_closure(cas: CAS, staged: dict[str, Path], bundle: Path, digest: str, ref: str) -> None:
-    data = _staged_bytes(cas, staged, bundle, digest, ref)
-    refs = manifest_refs(data)
-    if refs is None:
-        raise BundleError(f"{bundle}: {ref} names {digest}, which is no manifest or index")
-    for blob in refs:
-        held = staged.get(blob.digest)
-        size = held.stat().st_size if held is not None else cas.size(blob.digest)
-        if size is None:
-            raise BundleError(
-                f"{bundle}: {ref} needs blob {blob.digest}, which neither the bundle nor the "
-                "store holds: a delta needs its base bundle imported first (or with it)"
-            )
-        if size != blob.size:
-            raise BundleError(
-                f"{bundle}: blob {blob.digest} has {size} bytes, {ref} says {blob.size}"
-            )
-        if is_index(data):
-            _check_closure(cas, staged, bundle, blob.digest, ref)
-
-
-def _staged_bytes(cas: CAS, staged: dict[str, Path], bundle: Path, digest: str, ref: str) -> bytes:
-    path = staged.get(digest) or cas.path(digest)
+def _staged_bytes(cas: CAS, staged: dict[str, Path], digest: str) -> bytes | None:
+    """A document of the bundles being imported, or of the store; ``None`` if neither has it."""
     try:
-        with open(path, "rb") as f:
+        with open(staged.get(digest) or cas.path(digest), "rb") as f:
             data = f.read(DOCUMENT_LIMIT + 1)
     except (OSError, DigestInvalid):
-        data = None
-    if data is None or len(data) > DOCUMENT_LIMIT:
-        raise BundleError(
-            f"{bundle}: {ref} needs {digest}, which neither the bundle nor the store holds: "
-            "a delta needs its base bundle imported first (or with it)"
-        )
-    return data
+        return None
+    return data if len(data) <= DOCUMENT_LIMIT else None

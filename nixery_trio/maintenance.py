@@ -37,7 +37,7 @@ from .cache import MANIFEST_KEYS, LayerCache, ManifestCache, RecordIndex, TagCac
 from .cas import CAS
 from .digest import parse_digest
 from .errors import DigestInvalid
-from .manifest import BlobRef, is_index, manifest_refs
+from .manifest import DOCUMENT_LIMIT, BlobRef, closure, manifest_refs, parse_document
 
 #: The shortest grace period ``nixery-trio gc`` accepts: a server serves a
 #: manifest from memory for a while after checking it (and refreshing its
@@ -45,7 +45,6 @@ from .manifest import BlobRef, is_index, manifest_refs
 MIN_GRACE_SECONDS = 120
 #: Temporary files younger than this may belong to a write in progress.
 STALE_TMP_SECONDS = 3600
-_MANIFEST_LIMIT = 4 << 20
 _READ = 1 << 20
 
 
@@ -185,23 +184,12 @@ def fsck(root: Path, repair: bool = False) -> list[Finding]:
         if problem:
             found("manifest-record", path.name, problem, path)
 
+    # A tag record names documents as a manifest record does (indexes too).
     for path, record in store.tags.index.scan():
-        problem = _tag_problem(record, good)
+        problem = _manifest_problem(store, record, good)
         if problem:
             found("tag-record", path.name, problem, path)
     return findings
-
-
-def _tag_problem(record: dict[str, object] | None, good: set[str]) -> str | None:
-    if record is None:
-        return "torn, corrupt or misnamed record"
-    digests = [record[key] for key in MANIFEST_KEYS.values() if key in record]
-    if not digests:
-        return "names no manifest"
-    for digest in digests:
-        if not isinstance(digest, str) or digest not in good:
-            return f"names {digest} which is missing or corrupt"
-    return None
 
 
 def _layer_problem(
@@ -235,7 +223,7 @@ def _manifest_problem(
         digest = record[key]
         if not isinstance(digest, str) or digest not in good:
             return f"names manifest {digest} which is missing or corrupt"
-        data = store.cas.read_bytes(digest, _MANIFEST_LIMIT)
+        data = store.cas.read_bytes(digest, DOCUMENT_LIMIT)
         refs = None if data is None else manifest_refs(data)
         if refs is None:
             return f"blob {digest} is not a manifest"
@@ -277,12 +265,12 @@ def gc(root: Path, max_size: int, grace: float = 900, now: float | None = None) 
         # pass it on to their blobs.
         documents: list[tuple[bool, str, list[BlobRef]]] = []
         for digest, size in sizes.items():
-            if size > _MANIFEST_LIMIT:
+            if size > DOCUMENT_LIMIT:
                 continue
-            data = store.cas.read_bytes(digest, _MANIFEST_LIMIT)
-            refs = None if data is None or not data.startswith(b"{") else manifest_refs(data)
-            if refs is not None:
-                documents.append((not is_index(data or b""), digest, refs))
+            data = store.cas.read_bytes(digest, DOCUMENT_LIMIT)
+            document = None if data is None or not data.startswith(b"{") else parse_document(data)
+            if document is not None:
+                documents.append((not document.is_index, digest, document.refs))
         for rank, digest, refs in sorted(documents):
             manifests[digest] = rank
             for ref in refs:
@@ -312,10 +300,11 @@ def _records_by_digest(store: _Store) -> dict[str, list[Path]]:
     index: RecordIndex
     for index in (store.layers.index, store.manifests.index, store.tags.index):
         for path, record in index.scan():
-            # A layer record's blob, or any manifest a manifest record names.
-            for key in ("digest", *MANIFEST_KEYS.values()):
+            # A layer record's blob ("digest"), or any document a manifest or
+            # tag record names.
+            for key in MANIFEST_KEYS.values():
                 digest = None if record is None else record.get(key)
-                if isinstance(digest, str) and path not in by_digest.get(digest, []):
+                if isinstance(digest, str):
                     by_digest.setdefault(digest, []).append(path)
     return by_digest
 
@@ -362,34 +351,20 @@ def held_images(root: Path) -> list[HeldImage]:
     """The tags the store holds, by name and tag, and what each takes."""
     store = _Store(root)
     held = []
-    for record in TagCache(root, store.cas).records():
+    for record in store.tags.records():
         tops = [str(record[key]) for key in ("oci", "digest") if key in record]
         if not tops:
             continue
-        sizes: dict[str, int] = {}
-        last_pulled = 0.0
-        documents = list(tops)
-        while documents:
-            digest = documents.pop()
-            if digest in sizes:
-                continue
-            path = store.cas.path(digest)
-            try:
-                stat = path.stat()
-            except (OSError, DigestInvalid):
-                continue
-            sizes[digest] = stat.st_size
-            last_pulled = max(last_pulled, stat.st_mtime)
-            data = store.cas.read_bytes(digest, _MANIFEST_LIMIT)
-            for ref in (None if data is None else manifest_refs(data)) or []:
-                if is_index(data or b""):
-                    documents.append(ref.digest)  # a platform's manifest: read it too
-                elif ref.digest not in sizes:
-                    sizes[ref.digest] = store.cas.size(ref.digest) or 0
+        try:
+            found = closure(tops, lambda digest: store.cas.read_bytes(digest, DOCUMENT_LIMIT))
+            size = sum(found.blobs.values())
+            last_pulled = max(store.cas.path(d).stat().st_mtime for d in found.documents)
+        except (LookupError, ValueError, OSError):  # damaged: fsck says how
+            size, last_pulled = 0, 0.0
         held.append(HeldImage(
             name=str(record.get("name")), tag=str(record.get("tag")),
             platforms=tuple(str(p) for p in record.get("platforms", ())),
-            digest=tops[0], size=sum(sizes.values()),
+            digest=tops[0], size=size,
             created=float(record.get("at", 0.0)), last_pulled=last_pulled,
         ))  # fmt: skip
     return sorted(held, key=lambda image: (image.name, image.tag))

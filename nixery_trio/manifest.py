@@ -41,8 +41,8 @@ from __future__ import annotations
 import enum
 import functools
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from nixery_trio.digest import parse_digest
@@ -82,19 +82,21 @@ class Format(enum.Enum):
     def index_type(self) -> str:
         return self.value[3]
 
+    def holds(self, compression: str) -> bool:
+        """Whether its manifests can hold layers compressed with ``compression``."""
+        return compression == "gzip" or (compression == "zstd" and self is Format.OCI)
+
     def layer_type_for(self, compression: str) -> str:
         """The media type of a layer compressed with ``gzip`` or ``zstd`` (OCI only)."""
-        if compression == "gzip":
-            return self.layer_type
-        if compression == "zstd" and self is Format.OCI:
-            return OCI_LAYER_ZSTD
-        raise ValueError(f"{self.name} manifests cannot hold {compression} layers")
+        if not self.holds(compression):
+            raise ValueError(f"{self.name} manifests cannot hold {compression} layers")
+        return self.layer_type if compression == "gzip" else OCI_LAYER_ZSTD
 
 
 MANIFEST_FORMATS = {fmt.manifest_type: fmt for fmt in Format}
 INDEX_FORMATS = {fmt.index_type: fmt for fmt in Format}
-#: Every document type served from /v2/<name>/manifests/.
-DOCUMENT_TYPES = frozenset((*MANIFEST_FORMATS, *INDEX_FORMATS))
+#: Manifests and indexes are small; anything bigger in the CAS is not one of ours.
+DOCUMENT_LIMIT = 4 << 20
 
 
 def _accept_weights(accept: str) -> dict[str, float]:
@@ -300,49 +302,43 @@ def build_index(fmt: Format, manifests: Sequence[tuple[Blob, Arch]]) -> bytes:
 def convert_manifest(data: bytes, fmt: Format) -> bytes | None:
     """A stored gzip manifest of ours in another format (same blobs), or ``None``
     if it is not one."""
-    source = manifest_format(data)
-    refs = manifest_refs(data)
-    if source is None or refs is None:
+    document = parse_document(data)
+    source = None if document is None else MANIFEST_FORMATS.get(document.media_type)
+    if document is None or source is None:
         return None
-    if any(layer.get("mediaType") != source.layer_type for layer in json.loads(data)["layers"]):
+    config, *layers = document.refs
+    if any(layer.media_type != source.layer_type for layer in layers):
         return None  # zstd layers have no Docker type
-    config, *layers = refs
     return build_manifest(config_digest=config.digest, config_size=config.size, layers=layers,
                           fmt=fmt)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class BlobRef:
-    """A blob a manifest names: its digest and its size."""
+    """A blob a document names: its digest and size (and media type, which
+    does not take part in comparisons: two formats name the same blobs)."""
 
     digest: str
     size: int
+    media_type: str = field(default="", compare=False)
 
 
-def manifest_format(data: bytes) -> Format | None:
-    """The format of a stored manifest, or ``None`` if ``data`` is not one we serve."""
-    try:
-        document = json.loads(data)
-    except ValueError:
-        return None
-    if not isinstance(document, dict):
-        return None
-    return MANIFEST_FORMATS.get(str(document.get("mediaType")))
+@dataclass(frozen=True)
+class Document:
+    """A stored manifest or index: its media type and the blobs it names (a
+    manifest's config first, then its layers; an index's manifests)."""
+
+    media_type: str
+    refs: list[BlobRef]
+
+    @property
+    def is_index(self) -> bool:
+        return self.media_type in INDEX_FORMATS
 
 
-def document_type(data: bytes) -> str | None:
-    """The media type of a stored manifest or index, or ``None`` if ``data`` is not one."""
-    try:
-        document = json.loads(data)
-    except ValueError:
-        return None
-    media_type = document.get("mediaType") if isinstance(document, dict) else None
-    return media_type if media_type in DOCUMENT_TYPES else None
-
-
-def manifest_refs(data: bytes) -> list[BlobRef] | None:
-    """What a stored manifest names (config first, then layers), or an index (its
-    manifests); ``None`` if ``data`` is neither (or has an invalid digest)."""
+def parse_document(data: bytes) -> Document | None:
+    """``data`` as a manifest or index we serve, or ``None`` if it is neither
+    (or names a blob by an invalid digest)."""
     try:
         document = json.loads(data)
         media_type = document.get("mediaType") if isinstance(document, dict) else None
@@ -352,11 +348,59 @@ def manifest_refs(data: bytes) -> list[BlobRef] | None:
             entries = list(document["manifests"])
         else:
             return None
-        return [BlobRef(parse_digest(entry["digest"]), int(entry["size"])) for entry in entries]
+        refs = [BlobRef(parse_digest(entry["digest"]), int(entry["size"]),
+                        str(entry.get("mediaType", ""))) for entry in entries]  # fmt: skip
     except (ValueError, KeyError, TypeError, AttributeError, DigestInvalid):
         return None
+    return Document(media_type, refs)
 
 
-def is_index(data: bytes) -> bool:
-    """Whether ``data`` is an OCI image index or a Docker manifest list."""
-    return document_type(data) in INDEX_FORMATS
+def manifest_format(data: bytes) -> Format | None:
+    """The format of a stored manifest, or ``None`` if ``data`` is not one we serve."""
+    document = parse_document(data)
+    return None if document is None else MANIFEST_FORMATS.get(document.media_type)
+
+
+def manifest_refs(data: bytes) -> list[BlobRef] | None:
+    """What a stored manifest or index names (see :class:`Document`), or ``None``."""
+    document = parse_document(data)
+    return None if document is None else document.refs
+
+
+@dataclass(frozen=True)
+class Closure:
+    """What documents name, through indexes: every blob with the size it is
+    named with (a top document: its own), and the documents that were read."""
+
+    blobs: dict[str, int]
+    documents: list[str]
+
+
+def closure(tops: Iterable[str], read: Callable[[str], bytes | None]) -> Closure:
+    """The :class:`Closure` of the documents ``tops``, read with ``read``
+    (``None``: not there).  LookupError (its argument the digest) for a
+    document that is not there, ValueError for one that is no manifest or
+    index, or not the size named."""
+    blobs: dict[str, int] = {}
+    documents: list[str] = []
+    pending: list[tuple[str, int | None]] = [(top, None) for top in reversed(list(tops))]
+    while pending:
+        digest, named = pending.pop()
+        if digest in documents:
+            continue
+        data = read(digest)
+        if data is None:
+            raise LookupError(digest)
+        document = parse_document(data)
+        if document is None:
+            raise ValueError(f"{digest} is no manifest or index")
+        if named is not None and named != len(data):
+            raise ValueError(f"{digest} has {len(data)} bytes, its index says {named}")
+        blobs[digest] = len(data)
+        documents.append(digest)
+        for ref in document.refs:
+            if document.is_index:
+                pending.append((ref.digest, ref.size))  # a platform's manifest: read it too
+            else:
+                blobs.setdefault(ref.digest, ref.size)
+    return Closure(blobs, documents)

@@ -25,14 +25,14 @@ from nixery_trio.manifest import (
     build_index,
     build_manifest,
     canonical_json,
+    closure,
     command,
     convert_manifest,
-    document_type,
     index_formats,
-    is_index,
     manifest_format,
     manifest_refs,
     negotiate,
+    parse_document,
 )
 
 LAYERS = (
@@ -324,7 +324,8 @@ def test_indexes_name_each_platform_manifest() -> None:
             ],
         }  # fmt: skip
         assert data == canonical_json(document)
-        assert document_type(data) == media_type and is_index(data)
+        parsed = parse_document(data)
+        assert parsed is not None and parsed.media_type == media_type and parsed.is_index
         assert manifest_format(data) is None
         refs = manifest_refs(data)
         assert refs is not None
@@ -332,9 +333,9 @@ def test_indexes_name_each_platform_manifest() -> None:
             (sha256_digest(manifests[a]), len(manifests[a])) for a in Arch
         ]
         assert convert_manifest(data, Format.DOCKER) is None
-    assert document_type(manifests[Arch.AMD64]) == OCI_MANIFEST
-    assert not is_index(manifests[Arch.AMD64])
-    assert document_type(b"[]") is None and document_type(b"nonsense") is None
+    parsed = parse_document(manifests[Arch.AMD64])
+    assert parsed is not None and parsed.media_type == OCI_MANIFEST and not parsed.is_index
+    assert parse_document(b"[]") is None and parse_document(b"nonsense") is None
 
 
 def test_zstd_layers_only_in_oci_manifests() -> None:
@@ -351,3 +352,29 @@ def test_zstd_layers_only_in_oci_manifests() -> None:
         build_manifest(config_digest=config, config_size=6, layers=LAYERS, fmt=Format.DOCKER,
                        compression="zstd")  # fmt: skip
     assert convert_manifest(data, Format.DOCKER) is None
+
+
+def test_closure_follows_indexes_to_every_blob() -> None:
+    config = b'{"c":1}'
+    manifest = build_manifest(config_digest=sha256_digest(config), config_size=len(config),
+                              layers=LAYERS, fmt=Format.OCI)  # fmt: skip
+
+    class Doc:
+        digest, size = sha256_digest(manifest), len(manifest)
+
+    index = build_index(Format.OCI, [(Doc(), Arch.ARM64)])
+    store = {sha256_digest(d): d for d in (index, manifest, config)}
+    found = closure([sha256_digest(index)], store.get)
+    assert found.documents == [sha256_digest(index), sha256_digest(manifest)]
+    assert found.blobs == {
+        sha256_digest(index): len(index), sha256_digest(manifest): len(manifest),
+        sha256_digest(config): len(config), **{layer.digest: layer.size for layer in LAYERS},
+    }  # fmt: skip
+    del store[sha256_digest(manifest)]
+    with pytest.raises(LookupError, match=sha256_digest(manifest)):
+        closure([sha256_digest(index)], store.get)
+    store[sha256_digest(manifest)] = manifest + b" "  # not the size the index names
+    with pytest.raises(ValueError, match="its index says"):
+        closure([sha256_digest(index)], store.get)
+    with pytest.raises(ValueError, match="no manifest or index"):
+        closure([sha256_digest(config)], store.get)
