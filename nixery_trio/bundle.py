@@ -98,7 +98,15 @@ def export(
     """Write the bundle of ``names`` (``NAME`` or ``NAME:TAG``; none: every tag
     the store holds) to ``out``."""
     cas = CAS(root)
-    records = _chosen(TagCache(root, cas).records(), list(names))
+    # Shared, as a build holds it: gc cannot remove what is being exported.
+    with cas.lock.held():
+        return _export(cas, TagCache(root, cas), out, list(names), since)
+
+
+def _export(
+    cas: CAS, tags: TagCache, out: BinaryIO, names: list[str], since: Path | None
+) -> Exported:
+    records = _chosen(tags.records(), names)
     entries: list[dict[str, Any]] = []
     loadable: list[dict[str, Any]] = []
     refs: list[str] = []
