@@ -10,7 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from nixery_trio import archive, blobs
+from nixery_trio.build import archive
+from nixery_trio.http import blobs
 
 from . import builds, clients, connections, pipeline, report, serving, soak
 from .common import REPO, Context, Section, machine, missing_tools, tool_version
@@ -35,7 +36,7 @@ def defaults_text(sections: list[Section]) -> str:
         f"- Deflate threads: the number of cores, {d.threads} here (`NIXERY_DEFLATE_THREADS`).",
         f"- Read size: {d.read_size >> 10} KiB (`NIXERY_READ_SIZE`).",
         "- Blob sending: sendfile (`NIXERY_BLOB_SENDFILE=1`); without it, reads of "
-        f"{blobs.BLOB_READ_SIZE >> 10} KiB (`nixery_trio.blobs.BLOB_READ_SIZE`).",
+        f"{blobs.BLOB_READ_SIZE >> 10} KiB (`nixery_trio.http.blobs.BLOB_READ_SIZE`).",
     ]
     sweep = [p for s in sections for p in s.chart.get("sweep", [])]
     fitting = [p for p in sweep if p[2] <= 1.15]

@@ -21,7 +21,7 @@ import random
 import time
 from pathlib import Path
 
-from nixery_trio.layers import StorePathInfo, group_layers
+from nixery_trio.core.layers import StorePathInfo, group_layers
 
 from .common import (
     DOCKER_V2,
@@ -204,7 +204,7 @@ def run(ctx: Context) -> list[Section]:
         Section(
             "Layering",
             "A synthetic closure (a DAG of 5,000 paths with shared "
-            "dependencies, 10 roots) through `nixery_trio.layers.group_layers`, "
+            "dependencies, 10 roots) through `nixery_trio.core.layers.group_layers`, "
             "budget 94.",
             rows_layering,
             checks[-1:],

@@ -22,7 +22,7 @@ divided by the wall time, for every row, so all rows divide the same bytes.
 The deflate engine runs only on threads of its own here, as in the layer
 writer: ISA-L leaves a thread's vector registers in a state that makes
 SHA-256 a quarter slower on that thread, and on the threads it starts,
-from then on (see ``nixery_trio.archive._Blocks``).  The timed layer
+from then on (see ``nixery_trio.build.archive._Blocks``).  The timed layer
 writes start from the main thread, which never runs it, as the server's
 worker threads do not.
 
@@ -50,8 +50,8 @@ from typing import ParamSpec, TypeVar
 
 from isal import igzip, isal_zlib
 
-from nixery_trio import archive
-from nixery_trio.cas import CAS
+from nixery_trio.build import archive
+from nixery_trio.store.cas import CAS
 
 from .common import NIX_ENV, REPO, Check, Context, Section, mb, rate
 

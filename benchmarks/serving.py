@@ -14,8 +14,9 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from nixery_trio import archive, blobs
-from nixery_trio.cas import CAS
+from nixery_trio.build import archive
+from nixery_trio.http import blobs
+from nixery_trio.store.cas import CAS
 
 from .common import (
     DOCKER_V2,

@@ -32,13 +32,15 @@ from hypercorn.utils import repr_socket_addr
 from rich.console import Console
 from rich.table import Table
 
-from . import bundle, httpserver, logs, maintenance, prefetch, supervisor
-from .builder import Builder
-from .cas import CAS
+from . import logs
+from .build.builder import Builder
 from .config import SETTINGS, Config, make_config
-from .errors import ConfigError
-from .popularity import parse_popularity
-from .registry import create_app
+from .core.errors import ConfigError
+from .core.popularity import parse_popularity
+from .http import httpserver, supervisor
+from .http.registry import create_app
+from .ops import bundle, maintenance, prefetch
+from .store.cas import CAS
 from .version import source_version
 
 

@@ -12,10 +12,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .archive import DEFAULT_LEVELS, ENGINE_LEVELS, READ_SIZE, Deflate, engine_available
-from .errors import ConfigError
-from .image import Arch
-from .sources import ChannelSource, GitSource, OfflineSource, PathSource, Source
+from .build.archive import DEFAULT_LEVELS, ENGINE_LEVELS, READ_SIZE, Deflate, engine_available
+from .build.sources import ChannelSource, GitSource, OfflineSource, PathSource, Source
+from .core.errors import ConfigError
+from .core.image import Arch
 
 #: The ``nix/`` directory of this checkout (prepare-image.nix, demo set).
 DEFAULT_NIX_DIR = Path(__file__).resolve().parent.parent / "nix"

@@ -1,4 +1,4 @@
-"""What the page cache really holds of a file, for the tests of ``nixery_trio.pagecache``.
+"""What the page cache really holds of a file, for the tests of ``nixery_trio.http.pagecache``.
 
 ``pagecache.resident`` asks with one-byte reads that must not wait, and a
 read that fails that way may still start readahead: it changes what it

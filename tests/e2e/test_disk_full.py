@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nixery_trio.maintenance import fsck
+from nixery_trio.ops.maintenance import fsck
 
 from .clients import skopeo_copy
 from .server import Server, start_server

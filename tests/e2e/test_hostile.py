@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from benchmarks.common import rss_bytes
-from nixery_trio.maintenance import fsck
+from nixery_trio.ops.maintenance import fsck
 
 from .server import DEMO, Server, start_server, wait_for
 from .test_concurrency import server_pids

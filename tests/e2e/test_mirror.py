@@ -15,8 +15,8 @@ from pathlib import Path
 
 import httpx
 
-from nixery_trio import maintenance
-from nixery_trio.bundle import DOCKER_ANNOTATION, PLATFORMS_ANNOTATION, REF_NAME
+from nixery_trio.ops import maintenance
+from nixery_trio.ops.bundle import DOCKER_ANNOTATION, PLATFORMS_ANNOTATION, REF_NAME
 
 from .clients import Containerd, Dockerd, chroot, podman, run, skopeo_copy, umoci_unpack
 from .conftest import MULTIARCH

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import zstandard
 
-from nixery_trio import maintenance
+from nixery_trio.ops import maintenance
 
 from .conftest import MULTIARCH
 from .server import Server, start_server

@@ -21,7 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nixery_trio import locks, supervisor
+from nixery_trio.http import supervisor
+from nixery_trio.store import locks
 
 from .server import Server, start_server, wait_for
 from .test_concurrency import builder_pids, fresh_demo, server_pids

@@ -20,7 +20,7 @@ import hypercorn.config
 import pytest
 import trio
 
-from nixery_trio.httpserver import ZEROCOPYSEND, serve
+from nixery_trio.http.httpserver import ZEROCOPYSEND, serve
 
 DATA = os.urandom(3 << 20) + b"tail"
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from nixery_trio import archive
-from nixery_trio.cache import LayerCache, ManifestCache, TagCache
-from nixery_trio.cas import CAS
-from nixery_trio.digest import sha256_digest
-from nixery_trio.image import Arch
-from nixery_trio.maintenance import fsck, gc, held_images, parse_size
-from nixery_trio.manifest import Format, LayerBlob, build_config, build_manifest
+from nixery_trio.build import archive
+from nixery_trio.core.digest import sha256_digest
+from nixery_trio.core.image import Arch
+from nixery_trio.core.manifest import Format, LayerBlob, build_config, build_manifest
+from nixery_trio.ops.maintenance import fsck, gc, held_images, parse_size
+from nixery_trio.store.cache import LayerCache, ManifestCache, TagCache
+from nixery_trio.store.cas import CAS
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from nixery_trio.pagecache import PROBE_STEP, cached, probed, read_in, resident
+from nixery_trio.http.pagecache import PROBE_STEP, cached, probed, read_in, resident
 
 from ..pagecache_truth import PAGE, cached_pages, evict
 

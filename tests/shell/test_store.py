@@ -19,13 +19,13 @@ import zstandard
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nixery_trio import archive
-from nixery_trio import cas as cas_module
-from nixery_trio.cache import LayerCache, ManifestCache, RecordIndex
-from nixery_trio.cas import CAS
+from nixery_trio.build import archive
 from nixery_trio.config import make_config
-from nixery_trio.errors import ConfigError, StorageError
-from nixery_trio.manifest import Format, LayerBlob
+from nixery_trio.core.errors import ConfigError, StorageError
+from nixery_trio.core.manifest import Format, LayerBlob
+from nixery_trio.store import cas as cas_module
+from nixery_trio.store.cache import LayerCache, ManifestCache, RecordIndex
+from nixery_trio.store.cas import CAS
 
 
 @pytest.fixture

@@ -2,10 +2,10 @@ from pathlib import Path
 
 import pytest
 
+from nixery_trio.build.sources import ChannelSource, GitSource, PathSource
 from nixery_trio.config import make_config
-from nixery_trio.errors import ConfigError
-from nixery_trio.image import Arch
-from nixery_trio.sources import ChannelSource, GitSource, PathSource
+from nixery_trio.core.errors import ConfigError
+from nixery_trio.core.image import Arch
 
 
 def raw(**values: str) -> dict[str, str | None]:

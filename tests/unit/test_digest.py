@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nixery_trio.digest import SHA256, digest_hex, parse_digest, sha256_digest
-from nixery_trio.errors import DigestInvalid
+from nixery_trio.core.digest import SHA256, digest_hex, parse_digest, sha256_digest
+from nixery_trio.core.errors import DigestInvalid
 
 EMPTY = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 

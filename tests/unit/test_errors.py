@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nixery_trio.errors import (
+from nixery_trio.core.errors import (
     BuildFailed,
     InternalError,
     ManifestUnknown,

@@ -2,8 +2,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nixery_trio.errors import RangeNotSatisfiable
-from nixery_trio.httprange import parse_range
+from nixery_trio.core.errors import RangeNotSatisfiable
+from nixery_trio.core.httprange import parse_range
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nixery_trio.errors import NameInvalid, TagInvalid
-from nixery_trio.image import Arch, Image, parse_image
+from nixery_trio.core.errors import NameInvalid, TagInvalid
+from nixery_trio.core.image import Arch, Image, parse_image
 
 OCI_NAME = re.compile(r"[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(\/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*")
 SHELL = ("bashInteractive", "coreutils", "moreutils", "nano")

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nixery_trio.layers import (
+from nixery_trio.core.layers import (
     DEFAULT_BUDGET,
     POPULARITY_THRESHOLD,
     SIZE_THRESHOLD,

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nixery_trio.digest import sha256_digest
-from nixery_trio.errors import DigestInvalid
-from nixery_trio.image import Arch
-from nixery_trio.manifest import (
+from nixery_trio.core.digest import sha256_digest
+from nixery_trio.core.errors import DigestInvalid
+from nixery_trio.core.image import Arch
+from nixery_trio.core.manifest import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
     DOCKER_MANIFEST,

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from nixery_trio.errors import ManifestUnknown
-from nixery_trio.nix import failure_message, parse_result
+from nixery_trio.build.nix import failure_message, parse_result
+from nixery_trio.core.errors import ManifestUnknown
 
 HELLO = "/nix/store/" + "a" * 32 + "-hello"
 BUSYBOX = "/nix/store/" + "b" * 32 + "-busybox"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from nixery_trio.builder import ImageManifests, Manifest
-from nixery_trio.errors import ManifestUnknown
-from nixery_trio.manifest import DOCKER_MANIFEST, OCI_MANIFEST, Format
+from nixery_trio.build.builder import ImageManifests, Manifest
+from nixery_trio.core.errors import ManifestUnknown
+from nixery_trio.core.manifest import DOCKER_MANIFEST, OCI_MANIFEST, Format
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"

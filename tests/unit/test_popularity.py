@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nixery_trio.popularity import package_name, parse_popularity, store_path_name
+from nixery_trio.core.popularity import package_name, parse_popularity, store_path_name
 
 HASH = "0c0yrzlnrl2mz7f9d1n3jyhgmbf6q4gn"
 

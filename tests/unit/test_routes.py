@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nixery_trio.errors import RegistryError
-from nixery_trio.image import parse_image
-from nixery_trio.routes import MAX_PAGE, Kind, Route, page, parse_route
+from nixery_trio.core.errors import RegistryError
+from nixery_trio.core.image import parse_image
+from nixery_trio.core.routes import MAX_PAGE, Kind, Route, page, parse_route
 
 DIGEST = "sha256:" + "ab" * 32
 

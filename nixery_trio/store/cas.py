@@ -32,8 +32,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from .digest import digest_hex, parse_digest, sha256_digest
-from .errors import StorageError
+from ..core.digest import digest_hex, parse_digest, sha256_digest
+from ..core.errors import StorageError
 
 T = TypeVar("T")
 

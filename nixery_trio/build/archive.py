@@ -89,9 +89,9 @@ from typing import Protocol
 import zstandard
 from isal import isal_zlib
 
-from .cas import CAS
-from .manifest import LayerBlob
-from .rootfs import root_entries
+from ..store.cas import CAS
+from ..core.manifest import LayerBlob
+from ..core.rootfs import root_entries
 
 #: Bytes of tar stream per deflate block.  Part of the output format: the
 #: gzip bytes (and so every layer digest) depend on it.

@@ -32,9 +32,9 @@ from typing import Any
 import blake3
 import msgpack
 
+from ..core.errors import StorageError
+from ..core.manifest import Format, LayerBlob
 from .cas import CAS, recreating
-from .errors import StorageError
-from .manifest import Format, LayerBlob
 
 _CHECKSUM = 32
 

@@ -135,7 +135,7 @@ from dataclasses import dataclass
 import blake3
 import networkx as nx
 
-from nixery_trio.popularity import package_name, store_path_name
+from .popularity import package_name, store_path_name
 
 DEFAULT_BUDGET = 94
 """Nixery's default layer budget: room for the symlink layer under common limits."""

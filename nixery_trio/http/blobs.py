@@ -28,10 +28,10 @@ import trio
 from quart import Response
 from quart.wrappers.response import ResponseBody
 
+from ..core.errors import BlobUnknown
+from ..core.httprange import parse_range
+from ..store.cas import CAS
 from . import pagecache
-from .cas import CAS
-from .errors import BlobUnknown
-from .httprange import parse_range
 from .httpserver import ZEROCOPYSEND
 
 #: Bytes read from a blob file per worker-thread hop when sendfile is not

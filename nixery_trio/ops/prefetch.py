@@ -23,13 +23,13 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from .builder import Builder, BuildProgress, ImageManifests
-from .cas import CAS
-from .config import Config
-from .errors import RegistryError
-from .image import validate_name
-from .manifest import Format
-from .sources import LATEST
+from ..build.builder import Builder, BuildProgress, ImageManifests
+from ..build.sources import LATEST
+from ..config import Config
+from ..core.errors import RegistryError
+from ..core.image import validate_name
+from ..core.manifest import Format
+from ..store.cas import CAS
 
 #: Seconds between two redraws of the progress table.
 REFRESH_SECONDS = 0.25

@@ -33,10 +33,10 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from . import __version__, logs
-from .blobs import blob_response, send_blob
-from .builder import Builder, ImageManifests, Manifest
-from .errors import (
+from .. import __version__, logs
+from ..build.builder import Builder, ImageManifests, Manifest
+from ..build.sources import LATEST, PathSource
+from ..core.errors import (
     BadRequest,
     HeadersTooLarge,
     InternalError,
@@ -47,11 +47,11 @@ from .errors import (
     StorageError,
     Unsupported,
 )
+from ..core.manifest import OCI_INDEX, acceptable
+from ..core.routes import Kind, Route, page, parse_route
+from ..version import source_version
+from .blobs import blob_response, send_blob
 from .httpserver import ZEROCOPYSEND
-from .manifest import OCI_INDEX, acceptable
-from .routes import Kind, Route, page, parse_route
-from .sources import LATEST, PathSource
-from .version import source_version
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 #: Registry clients send a few hundred bytes of headers; refuse the absurd.

@@ -60,7 +60,7 @@ import enum
 import re
 from dataclasses import dataclass
 
-from nixery_trio.errors import NameInvalid, TagInvalid
+from .errors import NameInvalid, TagInvalid
 
 MAX_NAME_LENGTH = 255
 """The distribution spec's limit on a repository name."""

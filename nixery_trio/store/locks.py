@@ -39,9 +39,9 @@ from pathlib import Path
 import blake3
 import trio
 
-from . import logs
+from .. import logs
+from ..core.errors import ManifestUnknown, RegistryError
 from .cas import recreating
-from .errors import ManifestUnknown, RegistryError
 
 #: Lock files per kind of flight (keys hash onto them).
 LOCK_STRIPES = 1024

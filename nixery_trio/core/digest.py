@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import string
 
-from nixery_trio.errors import DigestInvalid
+from .errors import DigestInvalid
 
 SHA256 = "sha256"
 """The one digest algorithm the registry computes and serves."""

@@ -34,7 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 
-from . import logs
+from .. import logs
 
 #: Replacements allowed within :data:`RESTART_WINDOW` seconds.
 MAX_RESTARTS = 5

@@ -45,9 +45,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from nixery_trio.digest import parse_digest
-from nixery_trio.errors import DigestInvalid
-from nixery_trio.image import Arch
+from .digest import parse_digest
+from .errors import DigestInvalid
+from .image import Arch
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"

@@ -24,10 +24,10 @@ from typing import Any
 
 import trio
 
-from . import logs
-from .errors import BuildFailed, BuildTimeout, ManifestUnknown, StorageError
-from .image import Image
-from .layers import StorePathInfo
+from .. import logs
+from ..core.errors import BuildFailed, BuildTimeout, ManifestUnknown, StorageError
+from ..core.image import Image
+from ..core.layers import StorePathInfo
 from .sources import Source
 
 _FAILED_BUILDER = re.compile(r"builder for '([^']+)' failed[^\n]*")

@@ -48,16 +48,18 @@ from typing import Generic, TypeVar
 
 import trio
 
-from . import archive, logs, nix
-from .cache import MANIFEST_KEYS, LayerCache, ManifestCache, RecordIndex, TagCache
-from .cas import CAS
-from .config import Config
-from .digest import sha256_digest
-from .errors import ManifestUnknown, RegistryError
-from .image import Arch, Image, parse_image
-from .layers import Layer, group_layers
-from .locks import BuildSlots, KeyLocks
-from .manifest import (
+from . import archive, nix
+
+from .. import logs
+from ..store.cache import MANIFEST_KEYS, LayerCache, ManifestCache, RecordIndex, TagCache
+from ..store.cas import CAS
+from ..config import Config
+from ..core.digest import sha256_digest
+from ..core.errors import ManifestUnknown, RegistryError
+from ..core.image import Arch, Image, parse_image
+from ..core.layers import Layer, group_layers
+from ..store.locks import BuildSlots, KeyLocks
+from ..core.manifest import (
     DOCUMENT_LIMIT,
     OCI_MANIFEST,
     Format,
@@ -72,7 +74,7 @@ from .manifest import (
     negotiate,
     parse_document,
 )
-from .rootfs import user
+from ..core.rootfs import user
 from .sources import COMMIT, LATEST, GitSource, PathSource
 
 T = TypeVar("T")

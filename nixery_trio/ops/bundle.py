@@ -44,12 +44,10 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
-from .archive import tar_header
-from .cache import MANIFEST_KEYS, TagCache
-from .cas import CAS
-from .digest import parse_digest
-from .errors import DigestInvalid, RegistryError
-from .manifest import (
+from ..build.archive import tar_header
+from ..core.digest import parse_digest
+from ..core.errors import DigestInvalid, RegistryError
+from ..core.manifest import (
     DOCUMENT_LIMIT,
     INDEX_FORMATS,
     MANIFEST_FORMATS,
@@ -59,6 +57,8 @@ from .manifest import (
     closure,
     parse_document,
 )
+from ..store.cache import MANIFEST_KEYS, TagCache
+from ..store.cas import CAS
 
 #: The annotation naming an image in an OCI layout.
 REF_NAME = "org.opencontainers.image.ref.name"

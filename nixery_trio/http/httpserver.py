@@ -71,7 +71,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import parse_socket_addr, repr_socket_addr, suppress_body
 
-from . import logs
+from .. import logs
 
 #: The ASGI extension's message type and ``scope["extensions"]`` key.
 ZEROCOPYSEND = "http.response.zerocopysend"

@@ -33,11 +33,11 @@ from pathlib import Path
 import zstandard
 from isal import isal_zlib
 
-from .cache import MANIFEST_KEYS, LayerCache, ManifestCache, RecordIndex, TagCache
-from .cas import CAS
-from .digest import parse_digest
-from .errors import DigestInvalid
-from .manifest import DOCUMENT_LIMIT, BlobRef, closure, manifest_refs, parse_document
+from ..core.digest import parse_digest
+from ..core.errors import DigestInvalid
+from ..core.manifest import DOCUMENT_LIMIT, BlobRef, closure, manifest_refs, parse_document
+from ..store.cache import MANIFEST_KEYS, LayerCache, ManifestCache, RecordIndex, TagCache
+from ..store.cas import CAS
 
 #: The shortest grace period ``nixery-trio gc`` accepts: a server serves a
 #: manifest from memory for a while after checking it (and refreshing its
