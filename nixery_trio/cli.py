@@ -1,9 +1,11 @@
 """The command line: ``nixery-trio serve``, ``prefetch``, ``ls``, ``export``, ``import``,
 ``fsck`` and ``gc``.
 
-Every flag of ``serve`` also reads a Nixery-compatible environment variable
-(see :data:`nixery_trio.config.SETTINGS`); the values are validated once into
-a :class:`~nixery_trio.config.Config` and passed down explicitly.
+Every command reads its settings the same way, from the one list of them
+(:data:`nixery_trio.config.SETTINGS`): flags over Nixery-compatible
+environment variables over the TOML file of ``--config`` over defaults.
+The values are validated once into a :class:`~nixery_trio.config.Config`
+(or, for the store commands, the store's path) and passed down explicitly.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ from hypercorn.utils import repr_socket_addr
 from rich.console import Console
 from rich.table import Table
 
+from . import config as settings
 from . import logs
 from .build.builder import Builder
-from .config import SETTINGS, Config, make_config
+from .config import Config, make_config
 from .core.errors import ConfigError
 from .core.popularity import parse_popularity
 from .http import httpserver, supervisor
@@ -247,15 +250,56 @@ def run_workers(config: Config, popularity: dict[str, int]) -> int:
     )
 
 
-def _settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    for setting in reversed(SETTINGS):
-        default = f" [env {setting.env}" + (
-            f"; default {setting.default}]" if setting.default else "]"
-        )
-        command = click.option(
-            setting.flag, envvar=setting.env, help=setting.help + default, show_envvar=False
-        )(command)
-    return command
+def _settings_options(command: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Click options for the settings ``command`` reads, and ``--config``.
+
+    Click reads only the flags: ``settings.load`` merges them with the
+    environment, the config file and the defaults, and knows where each
+    value came from.
+    """
+
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        for setting in reversed(settings.settings_for(command)):
+            default = f"; default {setting.default}" if setting.default else ""
+            function = click.option(
+                setting.flag, setting.name, help=f"{setting.help} [env {setting.env}{default}]"
+            )(function)
+        return click.option(
+            "--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+            help=f"TOML file of settings (docs/configuration.md) [env {settings.CONFIG_ENV}].",
+        )(function)  # fmt: skip
+
+    return decorate
+
+
+def _load(command: str, raw: dict[str, Any]) -> settings.Loaded:
+    """``command``'s merged settings from its options (``raw``, emptied of them)."""
+    config_file = raw.pop("config_file")
+    flags = {s.name: raw.pop(s.name) for s in settings.settings_for(command)}
+    try:
+        return settings.load(command, flags, config_file)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _config(command: str, raw: dict[str, Any]) -> Config:
+    loaded = _load(command, raw)
+    try:
+        return make_config(loaded.values, loaded.origins)
+    except ConfigError as exc:
+        logs.error("config.invalid", message=str(exc))
+        raise click.ClickException(str(exc)) from exc
+
+
+def _store(raw: dict[str, Any], *, must_exist: bool = True) -> Path:
+    """The store's directory for the store commands (only import may make it)."""
+    try:
+        storage = settings.storage_path(_load("store", raw).values)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if must_exist and not storage.is_dir():
+        raise click.ClickException(f"{storage} is not a directory")
+    return storage
 
 
 @click.group()
@@ -265,12 +309,12 @@ def main() -> None:
 
 
 @main.command()
-@_settings_options
-def serve(**raw: str | None) -> None:
+@_settings_options("serve")
+def serve(**raw: Any) -> None:
     """Serve the registry."""
     logs.setup()
+    config = _config("serve", raw)
     try:
-        config = make_config(raw)
         popularity = load_popularity(config.popularity_url)
     except ConfigError as exc:
         logs.error("config.invalid", message=str(exc))
@@ -287,7 +331,7 @@ def serve(**raw: str | None) -> None:
 
 
 @main.command("prefetch")
-@_settings_options
+@_settings_options("prefetch")
 @click.option(
     "--from-file", "from_file", type=click.File("r"),
     help="Also build the images listed in this file, one NAME[:TAG] per line ('#' comments).",
@@ -296,7 +340,7 @@ def serve(**raw: str | None) -> None:
               help="Write the JSON log here (default: warnings and errors to stderr).")  # fmt: skip
 @click.argument("images", nargs=-1)
 def prefetch_command(
-    images: tuple[str, ...], from_file: Any, log_file: Path | None, **raw: str | None
+    images: tuple[str, ...], from_file: Any, log_file: Path | None, **raw: Any
 ) -> None:
     """Build IMAGE[:TAG]... into the store as pulls would, without a client.
 
@@ -309,8 +353,8 @@ def prefetch_command(
         logs.setup(level=logging.WARNING)
     else:
         logs.setup(open(log_file, "a"))  # noqa: SIM115 - lives as long as the command
+    config = _config("prefetch", raw)
     try:
-        config = make_config(raw)
         popularity = load_popularity(config.popularity_url)
         for ref in refs:
             prefetch.parse_ref(ref)
@@ -328,29 +372,21 @@ def prefetch_command(
         sys.exit(1)
 
 
-_storage_option = click.option(
-    "--storage-path", envvar="STORAGE_PATH", required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Directory of the blob store and caches [env STORAGE_PATH].",
-)  # fmt: skip
-
-
 @main.command("export")
-@_storage_option
+@_settings_options("store")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The bundle to write (an OCI image layout archive, a plain tar).")  # fmt: skip
 @click.option("--since", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="An earlier bundle: leave out the blobs it carried.")  # fmt: skip
 @click.argument("images", nargs=-1)
 def export_command(
-    storage_path: Path, output: Path, since: Path | None, images: tuple[str, ...]
+    output: Path, since: Path | None, images: tuple[str, ...], **raw: Any
 ) -> None:
     """Write IMAGE[:TAG]... (default: every tag the store holds) into one bundle.
 
     The same store gives the same bytes.
     """
-    if not storage_path.is_dir():
-        raise click.ClickException(f"{storage_path} is not a directory")
+    storage_path = _store(raw)
     partial_path = output.with_name(output.name + ".part")
     try:
         with open(partial_path, "wb") as out:
@@ -372,16 +408,17 @@ def export_command(
 
 
 @main.command("import")
-@_storage_option
+@_settings_options("store")
 @click.argument("bundles", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))  # fmt: skip
-def import_command(storage_path: Path, bundles: tuple[Path, ...]) -> None:
+def import_command(bundles: tuple[Path, ...], **raw: Any) -> None:
     """Load BUNDLE... (a base, then the deltas made --since it) into the store.
 
     Every blob and every image's references are checked before anything
     becomes visible; a damaged or incomplete bundle leaves the store as it
     was.  Safe while a server serves the store.
     """
+    storage_path = _store(raw, must_exist=False)
     try:
         imported = bundle.import_bundles(storage_path, list(bundles))
     except bundle.BundleError as exc:
@@ -392,12 +429,11 @@ def import_command(storage_path: Path, bundles: tuple[Path, ...]) -> None:
 
 
 @main.command("ls")
-@_storage_option
+@_settings_options("store")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image, per line.")
-def list_command(storage_path: Path, as_json: bool) -> None:
+def list_command(as_json: bool, **raw: Any) -> None:
     """The images the store holds: tag, platforms, digest, size, created, last pulled."""
-    if not storage_path.is_dir():
-        raise click.ClickException(f"{storage_path} is not a directory")
+    storage_path = _store(raw)
     images = maintenance.held_images(storage_path)
     if as_json:
         for image in images:
@@ -418,15 +454,14 @@ def _utc(when: float) -> str:
 
 
 @main.command()
-@_storage_option
+@_settings_options("store")
 @click.option("--repair", is_flag=True, help="Drop blobs and records that cannot be trusted.")
-def fsck(storage_path: Path, repair: bool) -> None:
+def fsck(repair: bool, **raw: Any) -> None:
     """Re-hash every blob and check every cache record.
 
     Exits 1 if it found problems it did not repair.
     """
-    if not storage_path.is_dir():
-        raise click.ClickException(f"{storage_path} is not a directory")
+    storage_path = _store(raw)
     findings = maintenance.fsck(storage_path, repair=repair)
     for finding in findings:
         click.echo(str(finding))
@@ -437,13 +472,13 @@ def fsck(storage_path: Path, repair: bool) -> None:
 
 
 @main.command()
-@_storage_option
+@_settings_options("store")
 @click.option("--max-size", required=True, help="Shrink the store to this size (e.g. 10G).")
 @click.option(
     "--grace", default=900.0, show_default=True, type=float,
     help="Seconds since last use within which nothing is removed.",
 )  # fmt: skip
-def gc(storage_path: Path, max_size: str, grace: float) -> None:
+def gc(max_size: str, grace: float, **raw: Any) -> None:
     """Remove least recently used blobs until the store fits --max-size."""
     try:
         limit = maintenance.parse_size(max_size)
@@ -455,8 +490,7 @@ def gc(storage_path: Path, max_size: str, grace: float) -> None:
             "it checked in the last minutes",
             param_hint="--grace",
         )
-    if not storage_path.is_dir():
-        raise click.ClickException(f"{storage_path} is not a directory")
+    storage_path = _store(raw)
     report = maintenance.gc(storage_path, limit, grace=grace)
     click.echo(
         f"gc: {report.size_before} -> {report.size_after} bytes, removed "
@@ -467,6 +501,24 @@ def gc(storage_path: Path, max_size: str, grace: float) -> None:
             f"gc: still over {limit} bytes: {report.kept_recent} blob(s) were used within "
             f"the last {grace:g} s"
         )
+
+
+@main.command("settings")
+@_settings_options("serve")
+@click.option("--docs", is_flag=True, help="Print docs/configuration.md instead.")
+def settings_command(docs: bool, **raw: Any) -> None:
+    """The settings serve would use, and where each value came from.
+
+    Takes the same flags, environment and --config as serve; values are not
+    validated (serve does that).
+    """
+    if docs:
+        click.echo(settings.render_docs(), nl=False)
+        return
+    loaded = _load("serve", raw)
+    for name, value in loaded.values.items():
+        if value is not None:
+            click.echo(f"{name} = {json.dumps(value)}  # {loaded.origins[name]}")
 
 
 if __name__ == "__main__":

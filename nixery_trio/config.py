@@ -1,14 +1,23 @@
-"""The one typed configuration object, read once at start-up.
+"""Settings: one definition of each, and the one typed configuration object.
 
-Every setting has a Nixery-compatible environment variable and a command
-line flag (``cli.py`` declares both from :data:`SETTINGS`); ``make_config``
-turns the raw strings into a validated :class:`Config` or raises
-:class:`ConfigError` with a message an operator can act on.
+Every setting is declared once in :data:`SETTINGS`: its name (the key in the
+TOML config file), its Nixery-compatible environment variable, its command
+line flag, its default, its help and which commands read it.  ``cli.py``
+makes its options from that list, :func:`load` merges the four places a
+value can come from (flags over environment over the config file over the
+defaults), and :func:`render_docs` writes docs/configuration.md from it, so
+none of them is ever written twice.  :func:`make_config` turns the merged
+text into a validated :class:`Config`, or raises :class:`ConfigError` with a
+message that names the setting and where its value came from.
 """
 
 from __future__ import annotations
 
+import enum
+import math
 import os
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,269 +67,401 @@ class Config:
         return Deflate(self.deflate_engine, self.gzip_level, self.deflate_threads, self.read_size)
 
 
+class Scope(enum.Enum):
+    """Which commands read a setting."""
+
+    #: Every command: where the store is.
+    STORE = "every command"
+    #: ``serve`` and ``prefetch``: what is built, and how.
+    BUILD = "serve, prefetch"
+    #: ``serve`` alone: the HTTP server.
+    SERVE = "serve"
+
+
+class Kind(enum.Enum):
+    """What a setting's value is; how a TOML value of it is read."""
+
+    TEXT = "string"
+    INT = "integer"
+    SECONDS = "seconds"
+    SWITCH = "0 or 1"
+    LIST = "comma-separated list"
+
+
 @dataclass(frozen=True)
 class Setting:
-    """A configuration knob: its flag, environment variable and help."""
+    """One setting: its key in the config file, variable, flag, default and help."""
 
-    flag: str
+    name: str
     env: str
     help: str
     default: str | None = None
+    kind: Kind = Kind.TEXT
+    scope: Scope = Scope.BUILD
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("--listen", "NIXERY_LISTEN", "HOST:PORT to listen on (default 127.0.0.1:8080)."),
-    Setting("--port", "PORT", "Port to listen on all interfaces, as in Nixery."),
-    Setting("--channel", "NIXERY_CHANNEL", "nixpkgs channel name or commit (tarball)."),
-    Setting("--pkgs-repo", "NIXERY_PKGS_REPO", "Git URL of the package set; tag = git ref."),
-    Setting("--pkgs-path", "NIXERY_PKGS_PATH", "Local directory holding the package set."),
-    Setting(
-        "--storage-backend",
-        "NIXERY_STORAGE_BACKEND",
-        "Storage backend; only 'filesystem'.",
-        "filesystem",
-    ),
-    Setting("--storage-path", "STORAGE_PATH", "Directory of the blob store and caches."),
-    Setting("--nix-timeout", "NIX_TIMEOUT", "Seconds a Nix build may take.", "60"),
-    Setting("--popularity-url", "NIX_POPULARITY_URL", "Popularity data: http(s) URL or file."),
-    Setting("--nix-dir", "NIXERY_NIX_DIR", "Directory holding prepare-image.nix."),
-    Setting("--layer-budget", "NIXERY_LAYER_BUDGET", "Maximum layers per image.", "94"),
-    Setting("--max-packages", "NIXERY_MAX_PACKAGES", "Maximum packages per image.", "64"),
-    Setting(
-        "--gzip-level",
-        "NIXERY_GZIP_LEVEL",
-        "Deflate level: 0 to 3 for isal (default 2), 1 to 9 for zlib and zlib-ng (default 6).",
-    ),
-    Setting("--build-threads", "NIXERY_BUILD_THREADS", "Threads writing layers (0: cores).", "0"),
-    Setting(
-        "--deflate-engine",
-        "NIXERY_DEFLATE_ENGINE",
-        "Deflate engine: isal, zlib or zlib-ng (needs the zlib-ng package).",
-        "isal",
-    ),
-    Setting(
-        "--deflate-threads",
-        "NIXERY_DEFLATE_THREADS",
-        "Threads compressing the blocks of one layer (0: cores).",
-        "0",
-    ),
-    Setting(
-        "--read-size", "NIXERY_READ_SIZE", "Bytes per read of a file being layered.", "1048576"
-    ),
-    Setting(
-        "--workers",
-        "NIXERY_WORKERS",
-        "Server processes sharing the port (0: one per core).",
-        "0",
-    ),
-    Setting(
-        "--blob-sendfile",
-        "NIXERY_BLOB_SENDFILE",
-        "Send blobs with sendfile(2) (1), or read them through Python (0).",
-        "1",
-    ),
-    Setting(
-        "--send-timeout",
-        "NIXERY_SEND_TIMEOUT",
-        "Seconds a response may wait for its client to take more bytes; then the "
-        "connection is closed.",
-        "60",
-    ),
-    Setting(
-        "--header-timeout",
-        "NIXERY_HEADER_TIMEOUT",
-        "Seconds a request's headers may take to arrive (from the connection's start or the "
-        "request's first byte); then the connection is closed.",
-        "20",
-    ),
-    Setting(
-        "--keepalive-timeout",
-        "NIXERY_KEEPALIVE_TIMEOUT",
-        "Seconds an idle connection is kept open for a next request.",
-        "75",
-    ),
-    Setting(
-        "--drain-timeout",
-        "NIXERY_DRAIN_TIMEOUT",
-        "Seconds SIGTERM gives the responses in flight to finish before the server stops.",
-        "30",
-    ),
-    Setting(
-        "--max-builds",
-        "NIXERY_MAX_BUILDS",
-        "Nix builds at once across all workers (0: the number of cores, at least 2); more "
-        "wait in a queue.",
-        "0",
-    ),
-    Setting(
-        "--not-found-ttl",
-        "NIXERY_NOT_FOUND_TTL",
-        "Seconds a failed package lookup (MANIFEST_UNKNOWN) is answered from memory, "
-        "per package source, before Nix is asked again.",
-        "60",
-    ),
-    Setting(
-        "--any-tag",
-        "NIXERY_ANY_TAG",
-        "Serve every tag of a channel or path source as latest, as Nixery did (1); by "
-        "default only latest is served (0).",
-        "0",
-    ),
-    Setting(
-        "--oci",
-        "NIXERY_OCI",
-        "Answer a tag with an OCI manifest when the client prefers it (1), or always with "
-        "Docker's schema 2, as Nixery did (0).",
-        "1",
-    ),
-    Setting(
-        "--platforms",
-        "NIXERY_PLATFORMS",
-        "Platforms every image is built for, comma-separated (linux/amd64, linux/arm64); "
-        "with more than one, a tag answers with an index (arm64/... still gives one arm64 "
-        "image).",
-        "linux/amd64",
-    ),
-    Setting(
-        "--offline",
-        "NIXERY_OFFLINE",
-        "Serve only what the store holds, with no package source and no Nix (1), as an "
-        "air-gapped mirror does; build on demand (0).",
-        "0",
-    ),
-)
+    Setting("storage_path", "STORAGE_PATH", "Directory of the blob store and caches.",
+            scope=Scope.STORE),
+    Setting("storage_backend", "NIXERY_STORAGE_BACKEND", "Storage backend; only 'filesystem'.",
+            "filesystem", scope=Scope.STORE),
+    Setting("channel", "NIXERY_CHANNEL", "nixpkgs channel name or commit, fetched as a tarball."),
+    Setting("pkgs_repo", "NIXERY_PKGS_REPO",
+            "Git URL of the package set; the image tag is the ref (40 hex: a commit, latest: "
+            "the default branch)."),
+    Setting("pkgs_path", "NIXERY_PKGS_PATH", "Local directory holding the package set."),
+    Setting("offline", "NIXERY_OFFLINE",
+            "Serve only the tags the store holds (prefetched or imported), with no package "
+            "source and no Nix (1), as an air-gapped mirror does; anything else is 404 "
+            "MANIFEST_UNKNOWN. Build on demand (0).", "0", Kind.SWITCH),
+    Setting("nix_timeout", "NIX_TIMEOUT", "Seconds a Nix build may take before it is killed.",
+            "60", Kind.SECONDS),
+    Setting("popularity_url", "NIX_POPULARITY_URL", "Popularity data: http(s) URL or file."),
+    Setting("nix_dir", "NIXERY_NIX_DIR",
+            "Directory holding prepare-image.nix (default: the nix/ folder beside the package)."),
+    Setting("layer_budget", "NIXERY_LAYER_BUDGET", "Most store-path layers per image.", "94",
+            Kind.INT),
+    Setting("max_packages", "NIXERY_MAX_PACKAGES", "Most packages per image.", "64",
+            Kind.INT),
+    Setting("platforms", "NIXERY_PLATFORMS",
+            "Platforms every image is built for (linux/amd64, linux/arm64); with more than "
+            "one, a tag answers with an index (arm64/... still gives one arm64 image).",
+            "linux/amd64", Kind.LIST),
+    Setting("oci", "NIXERY_OCI",
+            "Answer a tag with an OCI manifest when the client prefers it (1), or always with "
+            "Docker's schema 2, as Nixery did (0).", "1", Kind.SWITCH),
+    Setting("any_tag", "NIXERY_ANY_TAG",
+            "Serve every tag of a channel or path source as latest, as Nixery did (1); by "
+            "default only latest is served (0).", "0", Kind.SWITCH),
+    Setting("max_builds", "NIXERY_MAX_BUILDS",
+            "Nix builds at once across all workers (0: the number of cores, at least 2); more "
+            "wait in a queue.", "0", Kind.INT),
+    Setting("not_found_ttl", "NIXERY_NOT_FOUND_TTL",
+            "Seconds a failed package lookup (MANIFEST_UNKNOWN) is answered from memory, "
+            "per package source, before Nix is asked again.", "60", Kind.SECONDS),
+    Setting("gzip_level", "NIXERY_GZIP_LEVEL",
+            "Deflate level: 0 to 3 for isal (default 2), 1 to 9 for zlib and zlib-ng "
+            "(default 6).", kind=Kind.INT),
+    Setting("deflate_engine", "NIXERY_DEFLATE_ENGINE",
+            "Deflate engine: isal, zlib or zlib-ng (needs the zlib-ng package).", "isal"),
+    Setting("deflate_threads", "NIXERY_DEFLATE_THREADS",
+            "Threads compressing the blocks of one layer (0: cores).", "0", Kind.INT),
+    Setting("build_threads", "NIXERY_BUILD_THREADS", "Layers written at once (0: cores).", "0",
+            Kind.INT),
+    Setting("read_size", "NIXERY_READ_SIZE", "Bytes per read of a file being layered.",
+            str(READ_SIZE), Kind.INT),
+    Setting("listen", "NIXERY_LISTEN",
+            "HOST:PORT to listen on (default 127.0.0.1:8080, or all interfaces on PORT).",
+            scope=Scope.SERVE),
+    Setting("port", "PORT", "Port to listen on all interfaces, as in Nixery.", kind=Kind.INT,
+            scope=Scope.SERVE),
+    Setting("workers", "NIXERY_WORKERS",
+            "Server processes sharing the port (0: one per core); builds still run once per "
+            "image and layer.", "0", Kind.INT, Scope.SERVE),
+    Setting("blob_sendfile", "NIXERY_BLOB_SENDFILE",
+            "Send blobs with sendfile(2) (1), or read them through Python (0), for filesystems "
+            "without sendfile.", "1",
+            Kind.SWITCH, Scope.SERVE),
+    Setting("send_timeout", "NIXERY_SEND_TIMEOUT",
+            "Seconds a response may wait for its client to take more bytes; then the "
+            "connection is closed (as nginx's send_timeout).", "60", Kind.SECONDS, Scope.SERVE),
+    Setting("header_timeout", "NIXERY_HEADER_TIMEOUT",
+            "Seconds a request's headers may take to arrive (from the connection's start or "
+            "the request's first byte); then the connection is closed.", "20", Kind.SECONDS,
+            Scope.SERVE),
+    Setting("keepalive_timeout", "NIXERY_KEEPALIVE_TIMEOUT",
+            "Seconds an idle connection is kept open for a next request.", "75", Kind.SECONDS,
+            Scope.SERVE),
+    Setting("drain_timeout", "NIXERY_DRAIN_TIMEOUT",
+            "Seconds SIGTERM gives the responses in flight to finish before the server stops.",
+            "30", Kind.SECONDS, Scope.SERVE),
+)  # fmt: skip
+
+BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SETTINGS}
+
+#: The config file's own setting (it cannot be set in itself).
+CONFIG_ENV = "NIXERY_CONFIG"
 
 
-def _platforms(raw: str | None) -> tuple[Arch, ...]:
-    platforms: list[Arch] = []
-    for text in (raw or "linux/amd64").split(","):
-        try:
-            arch = Arch.from_platform(text)
-        except ValueError as exc:
-            raise ConfigError(f"NIXERY_PLATFORMS: {exc}") from None
-        if arch in platforms:
-            raise ConfigError(f"NIXERY_PLATFORMS names {arch.platform} twice")
-        platforms.append(arch)
-    return tuple(platforms)
+def settings_for(command: str) -> list[Setting]:
+    """The settings ``command`` reads, in declaration order."""
+    wanted = {
+        "serve": (Scope.STORE, Scope.BUILD, Scope.SERVE),
+        "prefetch": (Scope.STORE, Scope.BUILD),
+    }.get(command, (Scope.STORE,))
+    return [setting for setting in SETTINGS if setting.scope in wanted]
 
 
-def _int(name: str, raw: str | None, lo: int, hi: int) -> int:
+@dataclass(frozen=True)
+class Loaded:
+    """Merged settings as text, and where each value came from."""
+
+    values: dict[str, str | None]
+    origins: dict[str, str]
+
+
+def read_file(path: Path) -> dict[str, str]:
+    """The settings in a TOML config file, as text; unknown keys and bad types are errors."""
     try:
-        value = int(raw or "")
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
-    if not lo <= value <= hi:
-        raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
-    return value
-
-
-def _seconds(name: str, raw: str | None, default: str) -> float:
-    try:
-        value = float(raw or default)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if not 0 < value < float("inf"):
-        raise ConfigError(f"{name} must be a positive number of seconds, got {raw!r}")
-    return value
-
-
-def _listen(listen: str | None, port: str | None) -> tuple[str, int]:
-    if listen:
-        host, sep, port_text = listen.rpartition(":")
-        if not sep or not host:
-            raise ConfigError(f"--listen must be HOST:PORT, got {listen!r}")
-        return host.strip("[]"), _int("--listen port", port_text, 0, 65535)
-    if port:
-        return "0.0.0.0", _int("PORT", port, 0, 65535)
-    return "127.0.0.1", 8080
-
-
-def _source(channel: str | None, repo: str | None, path: str | None, offline: bool) -> Source:
-    given = [
-        name
-        for name, value in (
-            ("NIXERY_CHANNEL", channel),
-            ("NIXERY_PKGS_REPO", repo),
-            ("NIXERY_PKGS_PATH", path),
-        )
-        if value
-    ]
-    if offline:
-        if given:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    values: dict[str, str] = {}
+    for key, value in data.items():
+        setting = BY_NAME.get(key)
+        if setting is None:
             raise ConfigError(
-                f"--offline serves the store only: it takes no package source, got {given[0]}"
+                f"config file {path}: unknown setting {key!r} (see docs/configuration.md)"
             )
-        return OfflineSource()
-    if len(given) != 1:
+        values[key] = _toml_text(setting, value, path)
+    return values
+
+
+def _toml_text(setting: Setting, value: object, path: Path) -> str:
+    """A TOML value as the text the flag or variable would give."""
+    kind = setting.kind
+    if kind is Kind.SWITCH and isinstance(value, bool):
+        return "1" if value else "0"
+    if kind in (Kind.INT, Kind.SWITCH) and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if kind is Kind.SECONDS and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    if kind is Kind.LIST and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    if isinstance(value, str):
+        return value
+    expected = {Kind.SWITCH: "true or false", Kind.LIST: "a list of strings"}.get(
+        kind, f"a {kind.value}" if kind is not Kind.TEXT else "a string"
+    )
+    raise ConfigError(f"config file {path}: {setting.name} must be {expected}, got {value!r}")
+
+
+def load(
+    command: str,
+    given: Mapping[str, str | None],
+    config_file: Path | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> Loaded:
+    """Merge ``command``'s settings: flags over environment over file over defaults.
+
+    ``given`` holds the flags' values (``None`` when not given);
+    ``config_file`` is ``--config``, else ``NIXERY_CONFIG``.
+    """
+    if config_file is None and environ.get(CONFIG_ENV):
+        config_file = Path(environ[CONFIG_ENV])
+    from_file = read_file(config_file) if config_file is not None else {}
+    values: dict[str, str | None] = {}
+    origins: dict[str, str] = {}
+    for setting in settings_for(command):
+        for origin, value in (
+            (setting.flag, given.get(setting.name)),
+            (setting.env, environ.get(setting.env) or None),
+            (f"{setting.name} in {config_file}", from_file.get(setting.name)),
+            ("default", setting.default),
+        ):
+            if value is not None:
+                values[setting.name], origins[setting.name] = value, origin
+                break
+        else:
+            values[setting.name] = None
+    return Loaded(values, origins)
+
+
+def render_docs() -> str:
+    """docs/configuration.md, from :data:`SETTINGS`."""
+    lines = [
+        "# Configuration",
+        "",
+        "<!-- Generated from nixery_trio/config.py by `nixery-trio settings --docs`; "
+        "tests/unit/test_config.py fails when this file is out of date. -->",
+        "",
+        "Every setting can be given as a command line flag, an environment variable or a "
+        "key in a TOML config file (`--config FILE` or `NIXERY_CONFIG`). A flag wins over "
+        "the environment, the environment over the file, the file over the default. "
+        "Nixery's own variables (`PORT`, `STORAGE_PATH`, `NIXERY_CHANNEL`, "
+        "`NIXERY_PKGS_REPO`, `NIXERY_PKGS_PATH`, `NIX_TIMEOUT`, `NIX_POPULARITY_URL`) keep "
+        "their meaning. A switch is `1` or `0` as a flag or variable, `true` or `false` in "
+        "the file; a list is comma-separated, or a TOML list of strings. An unknown key in "
+        "the file is an error. `nixery-trio settings` prints what a command would use, "
+        "and where each value came from.",
+        "",
+        "```toml",
+        "# /etc/nixery-trio/config.toml",
+        'storage_path = "/var/lib/nixery-trio"',
+        'pkgs_path = "/srv/nixpkgs"',
+        'listen = "0.0.0.0:8080"',
+        'platforms = ["linux/amd64", "linux/arm64"]',
+        "oci = true",
+        "```",
+        "",
+    ]
+    for scope in Scope:
+        lines += [f"## Read by {scope.value}", "", "| key | flag | variable | kind | default | "
+                  "meaning |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for s in SETTINGS:
+            if s.scope is scope:
+                default = f"`{s.default}`" if s.default is not None else ""
+                lines.append(f"| `{s.name}` | `{s.flag}` | `{s.env}` | {s.kind.value} | "
+                             f"{default} | {s.help} |")  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
+def storage_path(values: Mapping[str, str | None]) -> Path:
+    """The store's directory, which every command needs."""
+    raw = values.get("storage_path")
+    if not raw:
         raise ConfigError(
-            "exactly one package source must be set (NIXERY_CHANNEL, NIXERY_PKGS_REPO or "
-            f"NIXERY_PKGS_PATH); got {', '.join(given) if given else 'none'}"
+            "STORAGE_PATH must be set (--storage-path, the variable, or storage_path in the "
+            "config file)"
         )
-    if channel:
-        return ChannelSource(channel)
-    if repo:
-        return GitSource(repo)
-    assert path is not None
-    resolved = Path(path).resolve()
-    if not resolved.is_dir():
-        raise ConfigError(f"NIXERY_PKGS_PATH {path!r} is not a directory")
-    return PathSource(resolved)
-
-
-def make_config(raw: dict[str, str | None]) -> Config:
-    """Validate raw settings (keyed by flag name without dashes, ``_`` for ``-``)."""
-    host, port = _listen(raw.get("listen"), raw.get("port"))
-    offline = bool(_int("NIXERY_OFFLINE", raw.get("offline") or "0", 0, 1))
-    backend = raw.get("storage_backend") or "filesystem"
+    backend = values.get("storage_backend") or "filesystem"
     if backend != "filesystem":
         raise ConfigError(f"NIXERY_STORAGE_BACKEND {backend!r} is not supported; use filesystem")
-    storage = raw.get("storage_path")
-    if not storage:
-        raise ConfigError("STORAGE_PATH (--storage-path) must be set for the filesystem backend")
-    timeout = _seconds("NIX_TIMEOUT", raw.get("nix_timeout"), "60")
-    nix_dir = Path(raw.get("nix_dir") or DEFAULT_NIX_DIR).resolve()
+    return Path(raw).resolve()
+
+
+class _Values:
+    """The merged values, parsed by kind, with errors naming where a value came from."""
+
+    def __init__(self, raw: Mapping[str, str | None], origins: Mapping[str, str]) -> None:
+        self.raw = {s.name: s.default for s in SETTINGS}
+        self.raw.update({k: v for k, v in raw.items() if v is not None})
+        self.origins = origins
+
+    def error(self, name: str, problem: str) -> ConfigError:
+        origin = self.origins.get(name)
+        where = f" ({origin})" if origin and origin != BY_NAME[name].env else ""
+        return ConfigError(f"{BY_NAME[name].env}{where}: {problem}")
+
+    def text(self, name: str) -> str | None:
+        return self.raw.get(name) or None
+
+    def integer(self, name: str, lo: int, hi: int, text: str | None = None) -> int:
+        raw = self.raw.get(name) if text is None else text
+        try:
+            value = int(raw or "")
+        except ValueError:
+            raise self.error(name, f"must be an integer, got {raw!r}") from None
+        if not lo <= value <= hi:
+            raise self.error(name, f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    def switch(self, name: str) -> bool:
+        return bool(self.integer(name, 0, 1))
+
+    def seconds(self, name: str) -> float:
+        raw = self.raw.get(name)
+        try:
+            value = float(raw or "")
+        except ValueError:
+            raise self.error(name, f"must be a number of seconds, got {raw!r}") from None
+        if not 0 < value < math.inf:
+            raise self.error(name, f"must be a positive number of seconds, got {raw!r}")
+        return value
+
+    def platforms(self) -> tuple[Arch, ...]:
+        platforms: list[Arch] = []
+        for text in (self.raw.get("platforms") or "").split(","):
+            try:
+                arch = Arch.from_platform(text)
+            except ValueError as exc:
+                raise self.error("platforms", str(exc)) from None
+            if arch in platforms:
+                raise self.error("platforms", f"names {arch.platform} twice")
+            platforms.append(arch)
+        return tuple(platforms)
+
+    def listen(self) -> tuple[str, int]:
+        listen, port = self.text("listen"), self.text("port")
+        if listen:
+            host, sep, port_text = listen.rpartition(":")
+            if not sep or not host:
+                raise self.error("listen", f"must be HOST:PORT, got {listen!r}")
+            return host.strip("[]"), self.integer("listen", 0, 65535, port_text)
+        if port:
+            return "0.0.0.0", self.integer("port", 0, 65535)
+        return "127.0.0.1", 8080
+
+    def source(self, offline: bool) -> Source:
+        channel, repo, path = self.text("channel"), self.text("pkgs_repo"), self.text("pkgs_path")
+        given = [BY_NAME[n].env for n in ("channel", "pkgs_repo", "pkgs_path") if self.text(n)]
+        if offline:
+            if given:
+                raise ConfigError(
+                    f"--offline serves the store only: it takes no package source, got {given[0]}"
+                )
+            return OfflineSource()
+        if len(given) != 1:
+            raise ConfigError(
+                "exactly one package source must be set (NIXERY_CHANNEL, NIXERY_PKGS_REPO or "
+                f"NIXERY_PKGS_PATH); got {', '.join(given) if given else 'none'}"
+            )
+        if channel:
+            return ChannelSource(channel)
+        if repo:
+            return GitSource(repo)
+        assert path is not None
+        resolved = Path(path).resolve()
+        if not resolved.is_dir():
+            raise self.error("pkgs_path", f"{path!r} is not a directory")
+        return PathSource(resolved)
+
+
+def make_config(
+    raw: Mapping[str, str | None], origins: Mapping[str, str] | None = None
+) -> Config:
+    """Validate merged settings (keyed by :attr:`Setting.name`; missing ones take defaults)."""
+    v = _Values(raw, origins or {})
+    cores = os.cpu_count() or 1
+    host, port = v.listen()
+    offline = v.switch("offline")
+    storage = storage_path(v.raw)
+    nix_dir = Path(v.text("nix_dir") or DEFAULT_NIX_DIR).resolve()
     if not offline and not (nix_dir / "prepare-image.nix").is_file():
-        raise ConfigError(f"{nix_dir}/prepare-image.nix not found (set NIXERY_NIX_DIR)")
-    threads = _int("NIXERY_BUILD_THREADS", raw.get("build_threads") or "0", 0, 256)
-    engine = raw.get("deflate_engine") or "isal"
+        raise v.error("nix_dir", f"{nix_dir} holds no prepare-image.nix")
+    engine = v.text("deflate_engine") or "isal"
     if engine not in ENGINE_LEVELS or not engine_available(engine):
-        raise ConfigError(
-            f"NIXERY_DEFLATE_ENGINE {engine!r} is not available; use "
-            + ", ".join(name for name in ENGINE_LEVELS if engine_available(name))
+        raise v.error(
+            "deflate_engine",
+            f"{engine!r} is not available; use "
+            + ", ".join(name for name in ENGINE_LEVELS if engine_available(name)),
         )
     levels = ENGINE_LEVELS[engine]
-    level_text = raw.get("gzip_level") or str(DEFAULT_LEVELS[engine])
-    level = _int("NIXERY_GZIP_LEVEL", level_text, levels[0], levels[-1])
-    deflate_threads = _int("NIXERY_DEFLATE_THREADS", raw.get("deflate_threads") or "0", 0, 256)
-    read_size = _int("NIXERY_READ_SIZE", raw.get("read_size") or str(READ_SIZE), 512, 1 << 30)
-    sendfile = _int("NIXERY_BLOB_SENDFILE", raw.get("blob_sendfile") or "1", 0, 1)
-    workers = _int("NIXERY_WORKERS", raw.get("workers") or "0", 0, 256)
+    level_text = v.text("gzip_level") or str(DEFAULT_LEVELS[engine])
+    level = v.integer("gzip_level", levels[0], levels[-1], level_text)
     return Config(
         host=host,
         port=port,
-        source=_source(raw.get("channel"), raw.get("pkgs_repo"), raw.get("pkgs_path"), offline),
-        storage_path=Path(storage).resolve(),
-        nix_timeout=timeout,
-        popularity_url=raw.get("popularity_url") or None,
+        source=v.source(offline),
+        storage_path=storage,
+        nix_timeout=v.seconds("nix_timeout"),
+        popularity_url=v.text("popularity_url"),
         nix_dir=nix_dir,
-        layer_budget=_int("NIXERY_LAYER_BUDGET", raw.get("layer_budget") or "94", 1, 124),
-        max_packages=_int("NIXERY_MAX_PACKAGES", raw.get("max_packages") or "64", 1, 1000),
+        layer_budget=v.integer("layer_budget", 1, 124),
+        max_packages=v.integer("max_packages", 1, 1000),
         gzip_level=level,
-        build_threads=threads or (os.cpu_count() or 1),
+        build_threads=v.integer("build_threads", 0, 256) or cores,
         deflate_engine=engine,
-        deflate_threads=deflate_threads or (os.cpu_count() or 1),
-        read_size=read_size,
-        blob_sendfile=bool(sendfile),
-        workers=workers or (os.cpu_count() or 1),
-        send_timeout=_seconds("NIXERY_SEND_TIMEOUT", raw.get("send_timeout"), "60"),
-        header_timeout=_seconds("NIXERY_HEADER_TIMEOUT", raw.get("header_timeout"), "20"),
-        keepalive_timeout=_seconds("NIXERY_KEEPALIVE_TIMEOUT", raw.get("keepalive_timeout"), "75"),
-        drain_timeout=_seconds("NIXERY_DRAIN_TIMEOUT", raw.get("drain_timeout"), "30"),
-        max_builds=_int("NIXERY_MAX_BUILDS", raw.get("max_builds") or "0", 0, 1000)
-        or max(2, os.cpu_count() or 1),
-        not_found_ttl=_seconds("NIXERY_NOT_FOUND_TTL", raw.get("not_found_ttl"), "60"),
-        any_tag=bool(_int("NIXERY_ANY_TAG", raw.get("any_tag") or "0", 0, 1)),
-        oci=bool(_int("NIXERY_OCI", raw.get("oci") or "1", 0, 1)),
-        platforms=_platforms(raw.get("platforms")),
+        deflate_threads=v.integer("deflate_threads", 0, 256) or cores,
+        read_size=v.integer("read_size", 512, 1 << 30),
+        blob_sendfile=v.switch("blob_sendfile"),
+        workers=v.integer("workers", 0, 256) or cores,
+        send_timeout=v.seconds("send_timeout"),
+        header_timeout=v.seconds("header_timeout"),
+        keepalive_timeout=v.seconds("keepalive_timeout"),
+        drain_timeout=v.seconds("drain_timeout"),
+        max_builds=v.integer("max_builds", 0, 1000) or max(2, cores),
+        not_found_ttl=v.seconds("not_found_ttl"),
+        any_tag=v.switch("any_tag"),
+        oci=v.switch("oci"),
+        platforms=v.platforms(),
         offline=offline,
     )

@@ -18,7 +18,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 #: Settings of a registry serving every image for two platforms.
-MULTIARCH = ("--platforms", "linux/amd64,linux/arm64", "--workers", "1")
+PLATFORMS = ("--platforms", "linux/amd64,linux/arm64")
+MULTIARCH = (*PLATFORMS, "--workers", "1")
 
 
 @pytest.fixture(scope="session")

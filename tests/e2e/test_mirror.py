@@ -19,7 +19,7 @@ from nixery_trio.ops import maintenance
 from nixery_trio.ops.bundle import DOCKER_ANNOTATION, PLATFORMS_ANNOTATION, REF_NAME
 
 from .clients import Containerd, Dockerd, chroot, podman, run, skopeo_copy, umoci_unpack
-from .conftest import MULTIARCH
+from .conftest import MULTIARCH, PLATFORMS
 from .server import DEMO, REPO, nix_env, start_server
 
 EVERYTHING = (
@@ -53,7 +53,7 @@ def test_prefetched_images_are_served_without_running_nix(tmp_path: Path) -> Non
     storage = tmp_path / "store"
     listing = tmp_path / "images.txt"
     listing.write_text("# the mirror's images\nshell/hello\n\nzstd/hello:latest  # zstd\n")
-    done = prefetch(storage, *MULTIARCH, "--from-file", str(listing), "hello")
+    done = prefetch(storage, *PLATFORMS, "--from-file", str(listing), "hello")
     assert done.returncode == 0, done.stderr
     digests = printed_digests(done.stdout)
     assert set(digests) == {"hello:latest", "shell/hello:latest", "zstd/hello:latest"}
@@ -72,7 +72,7 @@ def test_prefetched_images_are_served_without_running_nix(tmp_path: Path) -> Non
         assert server.count("layer.built") == 0
 
     # Prefetching again finds everything built: nothing to do, same digests.
-    again = prefetch(storage, *MULTIARCH, "--from-file", str(listing), "hello")
+    again = prefetch(storage, *PLATFORMS, "--from-file", str(listing), "hello")
     assert again.returncode == 0, again.stderr
     assert printed_digests(again.stdout) == digests
     assert "cached" in again.stdout
@@ -97,7 +97,7 @@ def test_prefetch_refuses_what_is_not_an_image_reference(tmp_path: Path) -> None
 
 def test_an_offline_mirror_serves_what_it_holds_without_nix(tmp_path: Path) -> None:
     storage = tmp_path / "store"
-    done = prefetch(storage, *MULTIARCH, "hello", "zstd/hello")
+    done = prefetch(storage, *PLATFORMS, "hello", "zstd/hello")
     assert done.returncode == 0, done.stderr
     assert prefetch(storage, "arm64/hello").returncode == 0
     digests = printed_digests(done.stdout)
@@ -174,7 +174,7 @@ def test_export_writes_one_checkable_bundle_that_clients_read(
     tmp_path: Path, containerd: Containerd, dockerd: Dockerd, arm64_emulation: object
 ) -> None:
     storage = tmp_path / "store"
-    assert prefetch(storage, *MULTIARCH, "hello", "zstd/hello").returncode == 0
+    assert prefetch(storage, *PLATFORMS, "hello", "zstd/hello").returncode == 0
     assert prefetch(storage, "shell/hello").returncode == 0
     full, again, one = tmp_path / "full.tar", tmp_path / "again.tar", tmp_path / "one.tar"
     nixery("export", "--storage-path", str(storage), "-o", str(full))
@@ -260,7 +260,7 @@ def test_a_mirror_filled_from_bundles_serves_every_client_offline(
     # Instance A: three images (one for two platforms), a bundle, then a
     # fourth image and a delta bundle.
     a = tmp_path / "a"
-    assert prefetch(a, *MULTIARCH, "hello").returncode == 0
+    assert prefetch(a, *PLATFORMS, "hello").returncode == 0
     assert prefetch(a, "shell/hello", "zstd/hello").returncode == 0
     full, delta = tmp_path / "full.tar", tmp_path / "delta.tar"
     nixery("export", "--storage-path", str(a), "-o", str(full))
@@ -288,29 +288,39 @@ def test_a_mirror_filled_from_bundles_serves_every_client_offline(
     assert maintenance.fsck(b) == [] and maintenance.fsck(fresh) == []
     assert nixery("ls", "--storage-path", str(fresh), "--json").stdout == ""
 
-    # The delta after its base, and a base and delta in one go.
-    nixery("import", "--storage-path", str(b), str(delta))
+    # A base and its delta in one go.
     nixery("import", "--storage-path", str(fresh), str(full), str(delta))
-    def held(store: Path) -> list[tuple[str, str, str, int]]:
-        return [(i["name"], i["tag"], i["digest"], i["size"])
-                for i in map(json.loads, store_state(store)[1])]  # fmt: skip
 
-    assert held(fresh) == held(b)
-    refs = [name for name, *_ in held(b)]
-    # ls on the mirror tells when instance A first built each tag.
-    listed_a = nixery("ls", "--storage-path", str(a), "--json").stdout.splitlines()
-    created_a = {i["name"]: i["created"] for i in map(json.loads, listed_a)}
-    created_b = {i["name"]: i["created"] for i in map(json.loads, store_state(b)[1])}
-    assert created_b == created_a
-    assert refs == ["hello", "nonroot/hello", "shell/hello", "zstd/hello"]
-    assert maintenance.fsck(b) == []
-
-    # Served offline, with no Nix: every client pulls all four, and runs them.
+    # Served offline, with no Nix; the delta is imported beside the running
+    # server, and what it brings is served at once.
     empty = tmp_path / "no-bin"
     empty.mkdir()
     with start_server(tmp_path / "serve", source=(), storage=b, env={"PATH": str(empty)},
-                      extra=("--offline", "1", "--workers", "1")) as mirror:  # fmt: skip
+                      extra=("--offline", "1", "--workers", "2")) as mirror:  # fmt: skip
         host = mirror.host
+        nonroot_url = f"{mirror.url}/v2/nonroot/hello/manifests/latest"
+        before_delta = httpx.get(nonroot_url, timeout=60)
+        assert before_delta.status_code == 404
+        assert before_delta.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+        nixery("import", "--storage-path", str(b), str(delta))
+        for _ in range(2):  # no worker remembered the miss
+            assert httpx.get(nonroot_url, timeout=60).status_code == 200
+
+        def held(store: Path) -> list[tuple[str, str, str, int]]:
+            return [(i["name"], i["tag"], i["digest"], i["size"])
+                    for i in map(json.loads, store_state(store)[1])]  # fmt: skip
+
+        assert held(fresh) == held(b)
+        refs = [name for name, *_ in held(b)]
+        # ls on the mirror tells when instance A first built each tag.
+        listed_a = nixery("ls", "--storage-path", str(a), "--json").stdout.splitlines()
+        created_a = {i["name"]: i["created"] for i in map(json.loads, listed_a)}
+        created_b = {i["name"]: i["created"] for i in map(json.loads, store_state(b)[1])}
+        assert created_b == created_a
+        assert refs == ["hello", "nonroot/hello", "shell/hello", "zstd/hello"]
+        assert maintenance.fsck(b) == []
+
+        # Every client pulls all four, and runs them.
         for name in refs:
             skopeo_copy(host, f"{name}:latest", tmp_path / f"oci-{name.replace('/', '-')}")
         rootfs = umoci_unpack(tmp_path / "oci-hello", tmp_path / "unpacked")

@@ -231,3 +231,49 @@ def test_cli_exit_codes(store: Store) -> None:
     hasty = subprocess.run([*cli, "gc", "--storage-path", str(store.root), "--max-size", "0",
                             "--grace", "5"], capture_output=True, text=True)  # fmt: skip
     assert hasty.returncode == 2 and "--grace" in hasty.stderr
+
+
+def test_store_commands_read_the_same_settings_as_serve(store: Store, tmp_path: Path) -> None:
+    """--config and STORAGE_PATH mean the same to fsck, gc and ls as to serve."""
+    blob = store.layer("x", 100)
+    store.cas.path(blob.digest).write_bytes(b"corrupt")
+    toml = tmp_path / "config.toml"
+    # A serve setting in the file is fine for fsck; it reads only the store's path.
+    toml.write_text(f'storage_path = "{store.root}"\npkgs_path = "/srv/pkgs"\nworkers = 4\n')
+    cli = [sys.executable, "-m", "nixery_trio"]
+    env = {k: v for k, v in os.environ.items() if k not in ("STORAGE_PATH", "NIXERY_CONFIG")}
+    check = subprocess.run([*cli, "fsck", "--config", str(toml)], capture_output=True,
+                           text=True, env=env)  # fmt: skip
+    assert check.returncode == 1 and blob.digest in check.stdout
+    via_env = subprocess.run([*cli, "fsck"], capture_output=True, text=True,
+                             env={**env, "NIXERY_CONFIG": str(toml)})  # fmt: skip
+    assert via_env.returncode == 1 and blob.digest in via_env.stdout
+    # The environment wins over the file, a flag over both.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    over = subprocess.run([*cli, "fsck", "--config", str(toml)], capture_output=True, text=True,
+                          env={**env, "STORAGE_PATH": str(empty)})  # fmt: skip
+    assert over.returncode == 0 and "0 problem(s)" in over.stdout
+    flag = subprocess.run([*cli, "ls", "--config", str(toml), "--storage-path", str(empty),
+                           "--json"], capture_output=True, text=True, env=env)  # fmt: skip
+    assert flag.returncode == 0 and flag.stdout == ""
+    toml.write_text('storage_path = "/x"\nstorage = "/y"\n')
+    typo = subprocess.run([*cli, "gc", "--config", str(toml), "--max-size", "1G"],
+                          capture_output=True, text=True, env=env)  # fmt: skip
+    assert typo.returncode == 1 and "unknown setting 'storage'" in typo.stderr
+    unset = subprocess.run([*cli, "ls"], capture_output=True, text=True, env=env)
+    assert unset.returncode == 1 and "STORAGE_PATH must be set" in unset.stderr
+
+
+def test_settings_command_says_where_each_value_came_from(tmp_path: Path) -> None:
+    toml = tmp_path / "config.toml"
+    toml.write_text('storage_path = "/s"\nnix_timeout = 5\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NIX_", "NIXERY_"))}
+    shown = subprocess.run(
+        [sys.executable, "-m", "nixery_trio", "settings", "--config", str(toml), "--workers", "3"],
+        capture_output=True, text=True, env={**env, "NIXERY_OCI": "0"}, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    assert f'nix_timeout = "5"  # nix_timeout in {toml}' in shown
+    assert 'workers = "3"  # --workers' in shown
+    assert 'oci = "0"  # NIXERY_OCI' in shown
+    assert 'drain_timeout = "30"  # default' in shown

@@ -500,7 +500,7 @@ def test_deflate_knobs_come_from_the_configuration(tmp_path: Path) -> None:
         {"storage_path": str(tmp_path), "pkgs_path": str(tmp_path), "deflate_engine": "zlib"}
     )
     assert (zlib_default.deflate.engine, zlib_default.deflate.level) == ("zlib", 6)
-    with pytest.raises(ConfigError, match="NIXERY_GZIP_LEVEL must be between 0 and 3"):
+    with pytest.raises(ConfigError, match="NIXERY_GZIP_LEVEL: must be between 0 and 3"):
         make_config({"storage_path": "/x", "pkgs_path": str(tmp_path), "gzip_level": "6"})
     with pytest.raises(ConfigError, match="NIXERY_DEFLATE_ENGINE"):
         make_config({"storage_path": "/x", "pkgs_path": str(tmp_path), "deflate_engine": "lz4"})

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from nixery_trio import config as settings
 from nixery_trio.build.sources import ChannelSource, GitSource, PathSource
 from nixery_trio.config import make_config
 from nixery_trio.core.errors import ConfigError
@@ -52,10 +53,10 @@ def test_listen_wins_over_port() -> None:
         ({"pkgs_path": "/does/not/exist"}, "not a directory"),
         ({"channel": "a", "layer_budget": "0"}, "NIXERY_LAYER_BUDGET"),
         ({"channel": "a", "blob_sendfile": "yes"}, "NIXERY_BLOB_SENDFILE"),
-        ({"channel": "a", "send_timeout": "0"}, "NIXERY_SEND_TIMEOUT must be a positive"),
-        ({"channel": "a", "send_timeout": "inf"}, "NIXERY_SEND_TIMEOUT must be a positive"),
-        ({"channel": "a", "send_timeout": "nan"}, "NIXERY_SEND_TIMEOUT must be a positive"),
-        ({"channel": "a", "send_timeout": "1m"}, "NIXERY_SEND_TIMEOUT must be a number"),
+        ({"channel": "a", "send_timeout": "0"}, "NIXERY_SEND_TIMEOUT: must be a positive"),
+        ({"channel": "a", "send_timeout": "inf"}, "NIXERY_SEND_TIMEOUT: must be a positive"),
+        ({"channel": "a", "send_timeout": "nan"}, "NIXERY_SEND_TIMEOUT: must be a positive"),
+        ({"channel": "a", "send_timeout": "1m"}, "NIXERY_SEND_TIMEOUT: must be a number"),
         ({"channel": "a", "platforms": "linux/s390x"}, "NIXERY_PLATFORMS: unknown platform"),
         ({"channel": "a", "platforms": "linux/arm64,linux/aarch64"}, "linux/arm64 twice"),
     ],
@@ -99,3 +100,102 @@ def test_platforms_in_order() -> None:
     assert make_config(raw(channel="a")).platforms == (Arch.AMD64,)
     config = make_config(raw(channel="a", platforms="linux/arm64, linux/amd64"))
     assert config.platforms == (Arch.ARM64, Arch.AMD64)
+
+
+# --- one definition: flags, environment, config file, defaults ---------------------------
+
+
+def write_toml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_flags_over_environment_over_file_over_defaults(tmp_path: Path) -> None:
+    toml = write_toml(tmp_path / "c.toml", 'nix_timeout = 30\nstorage_path = "/s"\n')
+    env = {"NIX_TIMEOUT": "40"}
+    flag = {"nix_timeout": "50"}
+    assert settings.load("serve", flag, toml, env).values["nix_timeout"] == "50"
+    loaded = settings.load("serve", {}, toml, env)
+    assert (loaded.values["nix_timeout"], loaded.origins["nix_timeout"]) == ("40", "NIX_TIMEOUT")
+    loaded = settings.load("serve", {}, toml, {})
+    assert loaded.values["nix_timeout"] == "30"
+    assert loaded.origins["nix_timeout"] == f"nix_timeout in {toml}"
+    loaded = settings.load("serve", {}, None, {})
+    assert (loaded.values["nix_timeout"], loaded.origins["nix_timeout"]) == ("60", "default")
+    assert loaded.values["storage_path"] is None
+    # NIXERY_CONFIG names the file when --config does not.
+    via_env = settings.load("gc", {}, None, {"NIXERY_CONFIG": str(toml)})
+    assert via_env.values == {"storage_path": "/s", "storage_backend": "filesystem"}
+
+
+def test_an_empty_variable_does_not_hide_the_file(tmp_path: Path) -> None:
+    toml = write_toml(tmp_path / "c.toml", 'storage_path = "/s"\n')
+    assert settings.load("ls", {}, toml, {"STORAGE_PATH": ""}).values["storage_path"] == "/s"
+
+
+def test_toml_values_of_every_kind(tmp_path: Path) -> None:
+    toml = write_toml(tmp_path / "c.toml", "\n".join([
+        f'storage_path = "{tmp_path}"', f'pkgs_path = "{tmp_path}"', "oci = false",
+        "any_tag = true", "nix_timeout = 2.5", "layer_budget = 20",
+        'platforms = ["linux/arm64", "linux/amd64"]', 'listen = "127.0.0.3:9"',
+    ]))  # fmt: skip
+    loaded = settings.load("serve", {}, toml, {})
+    config = make_config(loaded.values, loaded.origins)
+    assert (config.oci, config.any_tag, config.nix_timeout) == (False, True, 2.5)
+    assert config.layer_budget == 20
+    assert config.platforms == (Arch.ARM64, Arch.AMD64)
+    assert (config.host, config.port) == ("127.0.0.3", 9)
+    assert config.storage_path == tmp_path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("stroage_path = '/x'\n", "unknown setting 'stroage_path'"),
+        ("oci = 'maybe'\noci = 1\n", "not valid TOML"),
+        ("oci = 2.5\n", "oci must be true or false"),
+        ("layer_budget = '9'\nnix_timeout = true\n", "nix_timeout must be a seconds"),
+        ("platforms = [1]\n", "platforms must be a list of strings"),
+        ("[server]\nlisten = 'x'\n", "unknown setting 'server'"),
+    ],
+)
+def test_a_bad_config_file_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    toml = write_toml(tmp_path / "c.toml", text)
+    with pytest.raises(ConfigError, match=message):
+        settings.load("serve", {}, toml, {})
+
+
+def test_a_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        settings.load("serve", {}, tmp_path / "absent.toml", {})
+
+
+def test_an_invalid_value_says_where_it_came_from(tmp_path: Path) -> None:
+    toml = write_toml(tmp_path / "c.toml", "nix_timeout = -1\nstorage_path = '/s'\n")
+    loaded = settings.load("serve", {"channel": "c"}, toml, {})
+    with pytest.raises(ConfigError, match=r"NIX_TIMEOUT \(nix_timeout in .*c\.toml\): must be"):
+        make_config(loaded.values, loaded.origins)
+    loaded = settings.load("serve", {"channel": "c", "layer_budget": "0", "nix_timeout": "9"},
+                           toml, {})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"NIXERY_LAYER_BUDGET \(--layer-budget\): must be"):
+        make_config(loaded.values, loaded.origins)
+
+
+def test_every_setting_is_named_once_and_read_by_some_command() -> None:
+    for attribute in ("name", "env", "flag"):
+        values = [getattr(s, attribute) for s in settings.SETTINGS]
+        assert len(values) == len(set(values)), attribute
+    commands = ("serve", "prefetch", "ls")
+    read = {s.name for command in commands for s in settings.settings_for(command)}
+    assert read == set(settings.BY_NAME)
+    assert {s.name for s in settings.settings_for("gc")} == {"storage_path", "storage_backend"}
+
+
+def test_docs_configuration_md_is_generated_from_the_settings() -> None:
+    docs = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+    assert docs.read_text() == settings.render_docs(), (
+        "docs/configuration.md is out of date: "
+        "run `nixery-trio settings --docs > docs/configuration.md`"
+    )
+    for setting in settings.SETTINGS:
+        assert f"`{setting.flag}` | `{setting.env}`" in docs.read_text()
