@@ -178,13 +178,20 @@ def http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
 
 @contextlib.contextmanager
 def process(
-    argv: Sequence[str], log: Path, ready_url: str, *, env: dict[str, str] | None = None
+    argv: Sequence[str],
+    log: Path,
+    ready_url: str,
+    *,
+    env: dict[str, str] | None = None,
+    ready_headers: dict[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run a server until the block ends; wait until ``ready_url`` answers."""
+    """Run a server until the block ends; wait until ``ready_url`` answers
+    (given ``ready_headers``)."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     try:
-        wait_until(lambda: proc.poll() is None and http_ok(ready_url), 60, f"{argv[0]} to serve")
+        wait_until(lambda: proc.poll() is None and http_ok(ready_url, ready_headers), 60,
+                   f"{argv[0]} to serve")  # fmt: skip
         yield proc
     finally:
         proc.terminate()

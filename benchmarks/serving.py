@@ -8,11 +8,14 @@ rounds is reported, because other work on the machine adds noise.
 
 from __future__ import annotations
 
+import base64
 import os
 import statistics
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+
+import bcrypt
 
 from nixery_trio.build import archive
 from nixery_trio.http import blobs
@@ -114,6 +117,7 @@ def run(ctx: Context) -> list[Section]:
         ours_pids = children(ours.pid)  # the parent and its workers
         sections += _blobs(ctx, storage, hex_digest, size, ours_url, ours_pids)
         sections += _manifests(ctx, port, ours_pids, storage)
+        sections += _with_auth(ctx, storage, port, ours_pids, digest)
     return sections
 
 
@@ -362,6 +366,76 @@ def _manifests(ctx: Context, port: int, ours_pids: list[int], storage: Path) -> 
         "row (one run) is our server with a single worker process."
     )
     return [Section("Warm manifests", text, rows, checks)]
+
+
+#: The user and password of the authentication rows (bcrypt's default cost).
+AUTH_USER, AUTH_PASSWORD = "bench", "a password long enough to be one"
+
+
+def _with_auth(
+    ctx: Context, storage: Path, port: int, ours_pids: list[int], digest: str
+) -> list[Section]:
+    """Warm manifests and blobs with ``--htpasswd`` on, against the same server
+    with it off, alternating, on the same store."""
+    htpasswd = ctx.workdir / "htpasswd"
+    hashed = bcrypt.hashpw(AUTH_PASSWORD.encode(), bcrypt.gensalt()).decode()
+    htpasswd.write_text(f"{AUTH_USER}:{hashed}\n")
+    token = base64.b64encode(f"{AUTH_USER}:{AUTH_PASSWORD}".encode()).decode()
+    credentials = f"Authorization: Basic {token}"
+    image = "hello" if ctx.quick else "shell/hello"
+    auth_port = free_port()
+    argv = our_server_argv(auth_port, storage, REPO / "nix" / "demo", "--htpasswd", str(htpasswd))
+    seconds = ctx.seconds(6)
+    rounds = 1 if ctx.quick else 3
+    accept = f"Accept: {DOCKER_V2}"
+    runs: dict[tuple[str, str], list[WrkResult]] = {}
+    with process(argv, ctx.workdir / "ours-auth.log", f"http://127.0.0.1:{auth_port}/v2/",
+                 ready_headers={"Authorization": f"Basic {token}"}) as server:  # fmt: skip
+        auth_pids = children(server.pid)
+        for url, headers in ((f"{image}/manifests/latest", {"Accept": DOCKER_V2}),
+                             (f"bench/blobs/{digest}", {})):  # fmt: skip
+            # As a client that logged in: the header checked, the manifest warm.
+            http_ok(f"http://127.0.0.1:{auth_port}/v2/{url}",
+                    {**headers, "Authorization": f"Basic {token}"})  # fmt: skip
+        for _ in range(rounds):
+            targets = (("manifest", f"{image}/manifests/latest", [accept]),
+                       ("blob", f"bench/blobs/{digest}", []))  # fmt: skip
+            servers = (("off", port, ours_pids, []), ("on", auth_port, auth_pids, [credentials]))
+            for what, path, headers in targets:
+                for name, at, pids, extra in servers:
+                    url = f"http://127.0.0.1:{at}/v2/{path}"
+                    result = wrk(url, 16, seconds, pids, [*headers, *extra])
+                    if result.errors:
+                        raise RuntimeError(f"{result.errors} errors from {url} (auth {name})")
+                    runs.setdefault((what, name), []).append(result)
+
+    def median(what: str, name: str, key: Callable[[WrkResult], float]) -> float:
+        return _median(runs[what, name], key)
+
+    rows = [["request", "authentication", "requests/s", "throughput", "p99 ms"]]
+    for what in ("manifest", "blob"):
+        for name in ("off", "on"):
+            rps = median(what, name, lambda r: r.requests_per_second)
+            p99 = median(what, name, lambda r: r.latency.get("99%", 0))
+            speed = median(what, name, lambda r: r.bytes_per_second)
+            rows.append([what, name, f"{rps:,.0f}", rate(speed), f"{p99 * 1e3:.2f}"])
+    checks = []
+    for what, label, key in (
+        ("manifest", "warm manifest GET, auth on vs off, req/s", lambda r: r.requests_per_second),
+        ("blob", "blob GET, auth on vs off, throughput", lambda r: r.bytes_per_second),
+    ):
+        on, off = median(what, "on", key), median(what, "off", key)
+        shown = rate if what == "blob" else (lambda v: f"{v:,.0f}/s")
+        checks.append(Check(label, shown(on), shown(off), on / off, ">=", 0.9,
+                            "16 connections; the same server without --htpasswd"))  # fmt: skip
+    text = (
+        f"The warm manifest of `{image}` and the blob above, 16 connections, {seconds:g} s "
+        f"per run, {rounds} alternating rounds (median): our server with `--htpasswd` "
+        "(one bcrypt user; every request carries its `Authorization` header, as a client "
+        "that logged in does) against the same server without it, on the same store. A "
+        "header that checked out is remembered (`http/access.py`), so bcrypt runs once."
+    )
+    return [Section("Authentication on", text, rows, checks)]
 
 
 def _one_worker(

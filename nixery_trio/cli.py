@@ -19,10 +19,12 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import config as settings
-from . import logs
+from . import logs, metrics
 from .build.builder import Builder
 from .config import Config, make_config
 from .core.errors import ConfigError
@@ -143,9 +145,22 @@ def _log_store_opened(config: Config, removed: int | None) -> None:
         logs.warning("storage.leftovers_removed", count=removed)
 
 
-def addresses(sockets: list[socket.socket]) -> list[str]:
-    """The ``http://`` addresses ``sockets`` listen on."""
-    return [f"http://{repr_socket_addr(s.family, s.getsockname())}" for s in sockets]
+def addresses(sockets: list[socket.socket], config: Config) -> list[str]:
+    """The ``http://`` (or, with TLS, ``https://``) addresses ``sockets`` listen on."""
+    scheme = "https" if config.tls_cert else "http"
+    return [f"{scheme}://{repr_socket_addr(s.family, s.getsockname())}" for s in sockets]
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """The server's TLS context: TLS 1.2 or later, HTTP/1.1 by ALPN (the server
+    speaks no HTTP/2); ``None`` without ``--tls-cert``."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
 
 
 async def run_server(
@@ -168,11 +183,12 @@ async def run_server(
     """
     if sockets is None:
         sockets = bind(config)
-    binds = addresses(sockets)
+    binds = addresses(sockets, config)
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_drain_on_signal, shutdown, nursery.cancel_scope, worker)
         builder = Builder(config, CAS(config.storage_path), popularity, nursery)
+        builder.progress_hooks.append(metrics.BuildObserver())
         _log_store_opened(config, await trio.to_thread.run_sync(builder.open, not worker))
         serving = partial(
             httpserver.serve,
@@ -182,6 +198,7 @@ async def run_server(
             send_timeout=config.send_timeout,
             header_timeout=config.header_timeout,
             shutdown=shutdown,
+            tls=tls_context(config),
         )
         async with trio.open_nursery() as http:
             await http.start(serving)
@@ -236,7 +253,7 @@ def run_workers(config: Config, popularity: dict[str, int]) -> int:
     _log_store_opened(config, CAS(config.storage_path).open_store(clean=True))
 
     def started(workers: list[int]) -> None:
-        logs.info("server.started", listen=addresses(sockets), workers=workers,
+        logs.info("server.started", listen=addresses(sockets, config), workers=workers,
                   version=source_version(config.nix_dir), source=config.source.describe(),
                   storage=str(config.storage_path),
                   open_files_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # fmt: skip
@@ -321,13 +338,27 @@ def serve(**raw: Any) -> None:
         raise click.ClickException(str(exc)) from exc
     release_large_buffers()
     raise_open_files_limit()
-    if config.workers > 1:
-        status = run_workers(config, popularity)
-        logs.info("server.stopped")
-        sys.exit(status)
-    with contextlib.suppress(KeyboardInterrupt):  # before the server watches for SIGINT
-        trio.run(run_server, config, popularity)
+    with _metrics_directory() as directory:
+        metrics.enable_multiprocess(directory)
+        if config.workers > 1:
+            status = run_workers(config, popularity)
+            logs.info("server.stopped")
+            sys.exit(status)
+        with contextlib.suppress(KeyboardInterrupt):  # before the server watches for SIGINT
+            trio.run(run_server, config, popularity)
     logs.info("server.stopped")
+
+
+@contextlib.contextmanager
+def _metrics_directory() -> Iterator[Path]:
+    """Where the workers count their metrics: ``PROMETHEUS_MULTIPROC_DIR`` if
+    the operator set it, else a temporary directory removed at exit."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        yield Path(given)
+        return
+    with tempfile.TemporaryDirectory(prefix="nixery-trio-metrics-") as directory:
+        yield Path(directory)
 
 
 @main.command("prefetch")

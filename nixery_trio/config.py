@@ -16,15 +16,18 @@ from __future__ import annotations
 import enum
 import math
 import os
+import ssl
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .build.archive import DEFAULT_LEVELS, ENGINE_LEVELS, READ_SIZE, Deflate, engine_available
 from .build.sources import ChannelSource, GitSource, OfflineSource, PathSource, Source
 from .core.errors import ConfigError
+from .core.htpasswd import parse_htpasswd
 from .core.image import Arch
+from .core.policy import PackagePolicy
 
 #: The ``nix/`` directory of this checkout (prepare-image.nix, demo set).
 DEFAULT_NIX_DIR = Path(__file__).resolve().parent.parent / "nix"
@@ -60,6 +63,11 @@ class Config:
     oci: bool = True
     platforms: tuple[Arch, ...] = (Arch.AMD64,)
     offline: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    htpasswd: Path | None = None
+    packages: PackagePolicy = field(default_factory=PackagePolicy)
+    cold_builds_per_minute: int = 0
 
     @property
     def deflate(self) -> Deflate:
@@ -179,6 +187,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("drain_timeout", "NIXERY_DRAIN_TIMEOUT",
             "Seconds SIGTERM gives the responses in flight to finish before the server stops.",
             "30", Kind.SECONDS, Scope.SERVE),
+    Setting("tls_cert", "NIXERY_TLS_CERT",
+            "PEM certificate chain; with --tls-key the server speaks HTTPS only (TLS 1.2 or "
+            "later).", scope=Scope.SERVE),
+    Setting("tls_key", "NIXERY_TLS_KEY", "PEM private key of --tls-cert.", scope=Scope.SERVE),
+    Setting("htpasswd", "NIXERY_HTPASSWD",
+            "htpasswd file of bcrypt hashes (htpasswd -B): every request then needs HTTP basic "
+            "authentication (docker login). Re-read when it changes.", scope=Scope.SERVE),
+    Setting("allow_packages", "NIXERY_ALLOW_PACKAGES",
+            "Glob patterns of the packages images may name; anything else is 403 DENIED "
+            "before Nix runs (default: all). Meta-packages (shell, nonroot, zstd, arm64) are "
+            "always allowed.", kind=Kind.LIST, scope=Scope.SERVE),
+    Setting("deny_packages", "NIXERY_DENY_PACKAGES",
+            "Glob patterns of packages refused with 403 DENIED, even when allowed.",
+            kind=Kind.LIST, scope=Scope.SERVE),
+    Setting("cold_builds_per_minute", "NIXERY_COLD_BUILDS_PER_MINUTE",
+            "Builds of images not in the store that one client (its user, else its address) "
+            "may start per minute, all workers together; more get 429 TOOMANYREQUESTS with "
+            "Retry-After (0: no limit).", "0", Kind.INT, Scope.SERVE),
 )  # fmt: skip
 
 BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SETTINGS}
@@ -379,6 +405,39 @@ class _Values:
             platforms.append(arch)
         return tuple(platforms)
 
+    def patterns(self, name: str) -> tuple[str, ...]:
+        return tuple(p.strip() for p in (self.text(name) or "").split(",") if p.strip())
+
+    def readable(self, name: str) -> Path | None:
+        text = self.text(name)
+        if text is None:
+            return None
+        path = Path(text).resolve()
+        if not os.access(path, os.R_OK) or not path.is_file():
+            raise self.error(name, f"{text!r} is not a readable file")
+        return path
+
+    def tls(self) -> dict[str, Path | None]:
+        cert, key = self.readable("tls_cert"), self.readable("tls_key")
+        if (cert is None) != (key is None):
+            raise self.error("tls_cert" if cert is None else "tls_key",
+                             "is needed too: TLS takes both a certificate and its key")  # fmt: skip
+        if cert is not None and key is not None:
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+            except (ssl.SSLError, OSError) as exc:
+                raise self.error("tls_cert", f"cannot be used with its key: {exc}") from None
+        return {"tls_cert": cert, "tls_key": key}
+
+    def htpasswd(self) -> Path | None:
+        path = self.readable("htpasswd")
+        if path is not None:
+            try:
+                parse_htpasswd(path.read_text())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise self.error("htpasswd", str(exc)) from None
+        return path
+
     def listen(self) -> tuple[str, int]:
         listen, port = self.text("listen"), self.text("port")
         if listen:
@@ -464,4 +523,8 @@ def make_config(
         oci=v.switch("oci"),
         platforms=v.platforms(),
         offline=offline,
+        **v.tls(),
+        htpasswd=v.htpasswd(),
+        packages=PackagePolicy(v.patterns("allow_packages"), v.patterns("deny_packages")),
+        cold_builds_per_minute=v.integer("cold_builds_per_minute", 0, 1_000_000),
     )

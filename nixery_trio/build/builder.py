@@ -35,6 +35,7 @@ a misspelt name runs Nix once.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import json
 import math
@@ -50,15 +51,16 @@ import trio
 
 from . import archive, nix
 
-from .. import logs
+from .. import logs, metrics
 from ..store.cache import MANIFEST_KEYS, LayerCache, ManifestCache, RecordIndex, TagCache
 from ..store.cas import CAS
 from ..config import Config
 from ..core.digest import sha256_digest
-from ..core.errors import ManifestUnknown, RegistryError
+from ..core.errors import ManifestUnknown, RegistryError, TooManyRequests
 from ..core.image import Arch, Image, parse_image
 from ..core.layers import Layer, group_layers
 from ..store.locks import BuildSlots, KeyLocks
+from ..store.quota import ColdBuildQuota
 from ..core.manifest import (
     DOCUMENT_LIMIT,
     OCI_MANIFEST,
@@ -79,6 +81,14 @@ from .sources import COMMIT, LATEST, GitSource, PathSource
 
 T = TypeVar("T")
 V = TypeVar("V")
+#: Who asks, for ``--cold-builds-per-minute``: the user or address the HTTP
+#: layer set for the request (``http/access.py``); a flight started for a
+#: request inherits it, as every Trio task inherits its spawner's context.
+#: ``None`` (prefetch) is never limited.
+REQUESTER: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "nixery_trio_requester", default=None
+)
+
 #: A deferred walk of a layer's files (run in the worker thread).
 Entries = Callable[[], Iterable[archive.Entry]]
 
@@ -252,8 +262,11 @@ class BuildProgress:
 
     ``phase`` is ``queued`` (waiting for a build slot), ``nix``,
     ``layering``, ``layers`` (writing ``layers_total`` layers, of which
-    ``layers_cached`` were already stored), then ``done``; ``bytes`` counts
-    the compressed bytes of the layers written so far.
+    ``layers_cached`` were already stored), then ``done``, or ``failed``
+    (with the ``error`` its clients get; ``None`` for an unexpected one) or
+    ``cancelled`` (nobody waited for it, or the server stopped); ``bytes``
+    counts the compressed bytes of the layers written so far, ``started`` is
+    the Unix time the build was asked for.
     """
 
     image: str
@@ -264,6 +277,8 @@ class BuildProgress:
     layers_cached: int = 0
     layers_written: int = 0
     bytes: int = 0
+    started: float = dataclasses.field(default_factory=time.time)
+    error: RegistryError | None = None
 
 
 #: Called with a build's progress each time it moves on (on the event loop).
@@ -367,6 +382,11 @@ class Builder:
         nursery.start_soon(self._image_locks.refresh_forever)
         nursery.start_soon(self._layer_locks.refresh_forever)
         self._slots = BuildSlots(self._lock_dir, config.max_builds)
+        self._quota = (
+            ColdBuildQuota(config.storage_path, config.cold_builds_per_minute)
+            if config.cold_builds_per_minute
+            else None
+        )
         #: Name lookups that failed (MANIFEST_UNKNOWN), by flight key, and when.
         self._misses: dict[str, tuple[ManifestUnknown, float]] = {}
         self._threads = trio.CapacityLimiter(config.build_threads)
@@ -389,7 +409,7 @@ class Builder:
         #: Told of every build's progress (``prefetch`` shows it).
         self.progress_hooks: list[ProgressHook] = []
 
-    def _report(self, progress: BuildProgress, **changes: int | str) -> None:
+    def _report(self, progress: BuildProgress, **changes: int | str | RegistryError) -> None:
         for name, value in changes.items():
             setattr(progress, name, value)
         for hook in self.progress_hooks:
@@ -414,7 +434,13 @@ class Builder:
         return removed
 
     def parse(self, name: str, tag: str) -> Image:
-        return parse_image(name, tag, max_packages=self.config.max_packages)
+        """The image ``name:tag`` asks for; ``DENIED`` for a package the
+        allow and deny lists keep out (before anything is looked up or built)."""
+        image = parse_image(name, tag, max_packages=self.config.max_packages)
+        refusal = self.config.packages.refusal(image.requested)
+        if refusal is not None:
+            raise refusal
+        return image
 
     def recent_manifest(self, name: str, tag: str) -> ImageManifests | None:
         """The manifest of ``name:tag`` if memory alone can answer, else ``None``.
@@ -443,6 +469,7 @@ class Builder:
         if len(found) > 1:
             manifests = self._recent_images.get(_index_key(found))
         if manifests is not None:
+            metrics.METRICS.manifest_hits.inc()
             logs.info("manifest.cached", image=name, tag=tag)
         return manifests
 
@@ -603,6 +630,7 @@ class Builder:
                 image_key = current
                 cached = await self._cached(image_key, image.name)
         if cached is not None:
+            metrics.METRICS.manifest_hits.inc()
             logs.info("manifest.cached", image=name, tag=tag)
             return cached
         flight_key = image_key or json.dumps(
@@ -827,6 +855,22 @@ class Builder:
                 os.utime(path)
         return Manifest(data=data, digest=digest, media_type=document.media_type)
 
+    async def _charge_cold_build(self, image: Image) -> None:
+        """Count a cold build against its requester's ``--cold-builds-per-minute``,
+        or refuse it with ``TOOMANYREQUESTS``."""
+        requester = REQUESTER.get()
+        if self._quota is None or requester is None:
+            return
+        retry_after = await trio.to_thread.run_sync(self._quota.charge, requester)
+        if retry_after is not None:
+            logs.warning("build.refused", image=image.name, tag=image.tag, client=requester,
+                         retry_after=retry_after)  # fmt: skip
+            raise TooManyRequests(
+                f"too many new images: {self.config.cold_builds_per_minute} builds a minute "
+                f"per client; images already built are still served. Retry in {retry_after} s",
+                {"retry_after": retry_after},
+            )
+
     async def _build_once(
         self,
         flight_key: str,
@@ -844,8 +888,11 @@ class Builder:
             if image_key is not None:
                 cached = await self._stored_manifest(image_key, image.name)
                 if cached is not None:
+                    metrics.METRICS.manifest_hits.inc()
                     logs.info("manifest.cached", image=image.name, tag=image.tag)
                     return cached
+            metrics.METRICS.manifest_misses.inc()
+            await self._charge_cold_build(image)  # a refusal is no build: never recorded
             try:
                 return await self._build_image(image, image_key, flight)
             except RegistryError as exc:
@@ -858,6 +905,25 @@ class Builder:
     ) -> ImageManifests:
         progress = BuildProgress(image.name, image.tag, image.arch.platform)
         self._report(progress)
+        try:
+            return await self._build_reported(image, image_key, flight, progress)
+        except RegistryError as exc:
+            self._report(progress, phase="failed", error=exc)
+            raise
+        except Exception:
+            self._report(progress, phase="failed")
+            raise
+        except BaseException:
+            self._report(progress, phase="cancelled")
+            raise
+
+    async def _build_reported(
+        self,
+        image: Image,
+        image_key: str | None,
+        flight: Flight[ImageManifests],
+        progress: BuildProgress,
+    ) -> ImageManifests:
         with flight.droppable():
             slot = await self._slots.acquire(image.name)
         self._report(progress, phase="nix")
@@ -949,10 +1015,14 @@ class Builder:
         keys.append(_forest_key(image, result.forest))
         lock = self.cas.lock.acquire()
         try:
-            return layers, layered, lock, [self.layer_cache.get(key) for key in keys]
+            found = [self.layer_cache.get(key) for key in keys]
         except BaseException:
             os.close(lock)
             raise
+        hits = sum(blob is not None for blob in found)
+        metrics.METRICS.layer_hits.inc(hits)
+        metrics.METRICS.layer_misses.inc(len(found) - hits)
+        return layers, layered, lock, found
 
     def _record(
         self,

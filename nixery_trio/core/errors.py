@@ -64,6 +64,10 @@ class RegistryError(Exception):
         self.message = message
         self.detail = detail
 
+    def headers(self) -> dict[str, str]:
+        """Response headers the error needs beside its body (a challenge, a retry time)."""
+        return {}
+
     def to_json(self) -> dict[str, Any]:
         """The error as one entry of the registry's ``errors`` list, whole (for logs
         and for the other workers)."""
@@ -135,12 +139,50 @@ class RangeNotSatisfiable(RegistryError):
     code = "RANGE_INVALID"
     status = 416
 
+    def headers(self) -> dict[str, str]:
+        size = self.detail.get("size") if isinstance(self.detail, dict) else None
+        return {"Content-Range": f"bytes */{size}"} if isinstance(size, int) else {}
+
 
 class Unsupported(RegistryError):
     """A method or endpoint this read-only registry does not offer."""
 
     code = "UNSUPPORTED"
     status = 405
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": "GET, HEAD"}
+
+
+class Unauthorized(RegistryError):
+    """No credentials, or wrong ones, where ``--htpasswd`` asks for them.
+
+    ``detail`` is the realm of the challenge that tells the client to log in.
+    """
+
+    code = "UNAUTHORIZED"
+    status = 401
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": f'Basic realm="{self.detail}", charset="UTF-8"'}
+
+
+class Denied(RegistryError):
+    """A package the allow and deny lists keep out; Nix never sees it."""
+
+    code = "DENIED"
+    status = 403
+
+
+class TooManyRequests(RegistryError):
+    """A client over its cold builds per minute; ``detail["retry_after"]`` says when to retry."""
+
+    code = "TOOMANYREQUESTS"
+    status = 429
+
+    def headers(self) -> dict[str, str]:
+        retry = self.detail.get("retry_after") if isinstance(self.detail, dict) else None
+        return {"Retry-After": str(retry)} if isinstance(retry, int) else {}
 
 
 class NotFound(RegistryError):

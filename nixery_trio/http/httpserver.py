@@ -33,8 +33,9 @@ says why).
 The subclasses touch Hypercorn internals, hence the pin to 0.18 in
 ``pyproject.toml``; ``tests/shell/test_httpserver.py`` breaks if they drift.
 
-:func:`serve` is Hypercorn's ``worker_serve`` without TLS, QUIC and statsd,
-running connections as :class:`ZeroCopyTCPServer`, with an accept loop
+:func:`serve` is Hypercorn's ``worker_serve`` without QUIC and statsd,
+running connections as :class:`ZeroCopyTCPServer` (over TLS too, without
+sendfile), with an accept loop
 that logs running out of descriptors once per interval (trio's logs a
 traceback per try, ten a second) and a drain on shutdown.
 """
@@ -48,6 +49,7 @@ import math
 import os
 import resource
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -166,6 +168,25 @@ async def _transmit(
             raise EOFError(f"the body ended {count - done} bytes before the response did")
         done += sent
     await trio.lowlevel.checkpoint()
+
+
+async def send_stream(stream: trio.abc.SendStream, data: bytes, stall: float) -> None:
+    """Send ``data`` on a stream Trio wraps (TLS), giving up after ``stall`` seconds.
+
+    Unlike :func:`send_all`, the bound is on the whole write, not on each
+    step of progress: a response's writes are at most a few MiB, so a
+    client that takes one slower than ``stall`` is a stalled one.
+    """
+    with trio.fail_after(stall):
+        await stream.send_all(data)
+
+
+def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType:
+    """The socket under a plain or TLS connection."""
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    assert isinstance(stream, trio.SocketStream)
+    return stream.socket
 
 
 class _Advertised:
@@ -303,7 +324,9 @@ class ZeroCopyH11Protocol(H11Protocol):
         if any(name.lower() == b"upgrade" for name, _ in request.headers):
             await super()._create_stream(request)
             return
-        self.stream = ZeroCopyHTTPStream(
+        # Over TLS the kernel cannot send a file's bytes (no kTLS here): the
+        # app is not offered zerocopysend, and reads blobs through Python.
+        self.stream = (HTTPStream if self.ssl else ZeroCopyHTTPStream)(
             self.app, self.config, self.context, self.task_group, self.ssl,
             self.client, self.server, self.stream_send, STREAM_ID,
         )  # fmt: skip
@@ -384,8 +407,12 @@ class ZeroCopyTCPServer(TCPServer):
         #: Whether the header clock runs for the request being received.
         self._heading = True
 
+    @property
+    def tls(self) -> bool:
+        return isinstance(self.stream, trio.SSLStream)
+
     async def run(self) -> None:
-        sock = self.stream.socket
+        sock = _socket_of(self.stream)
         try:
             peername = sock.getpeername()
             client = parse_socket_addr(sock.family, peername)
@@ -395,13 +422,13 @@ class ZeroCopyTCPServer(TCPServer):
                 self._task_group = task_group
                 self.protocol = ProtocolWrapper(
                     self.app, self.config, self.context, task_group,
-                    ConnectionState(self.state), False, client, server,
+                    ConnectionState(self.state), self.tls, client, server,
                     self.protocol_send, "http/1.1",
                 )  # fmt: skip
                 # Same arguments, our HTTP/1.1 (h2c upgrades still replace it).
                 self.protocol.protocol = ZeroCopyH11Protocol(
                     self.app, self.config, self.context, task_group,
-                    ConnectionState(self.state), False, client, server, self.protocol_send,
+                    ConnectionState(self.state), self.tls, client, server, self.protocol_send,
                 )  # fmt: skip
                 await self.protocol.initiate()
                 await self.idle_task.restart(self._task_group, self._header_clock)
@@ -437,11 +464,20 @@ class ZeroCopyTCPServer(TCPServer):
         with trio.CancelScope(shield=True):
             await self._initiate_server_close()
 
+    async def _close(self) -> None:
+        # A TLS close_notify is a send like any other: bounded like them
+        # (``_connection`` closes the socket after it either way).
+        with trio.move_on_after(self.send_timeout):
+            await super()._close()
+
     async def protocol_send(self, event: ConnectionEvent) -> None:
-        sock = self.stream.socket
         if isinstance(event, RawData):
-            sending = partial(send_all, sock, event.data, self.send_timeout)
+            if self.tls:
+                sending = partial(send_stream, self.stream, event.data, self.send_timeout)
+            else:
+                sending = partial(send_all, self.stream.socket, event.data, self.send_timeout)
         elif isinstance(event, SendFile):
+            sock = self.stream.socket  # TLS streams are never offered files
             sending = partial(
                 sendfile_all, sock, event.fd, event.offset, event.count, self.send_timeout
             )
@@ -485,9 +521,13 @@ async def serve(
     send_timeout: float = SEND_TIMEOUT,
     header_timeout: float = HEADER_TIMEOUT,
     shutdown: trio.Event | None = None,
+    tls: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ASGI ``app`` on listening ``sockets`` until ``shutdown`` is set.
+
+    With a ``tls`` context, every connection is TLS (the handshake runs
+    under the header clock, as a request head does).
 
     Hypercorn's ``worker_serve`` for plain TCP: lifespan startup, then every
     connection in :class:`ZeroCopyTCPServer` (with ``send_timeout`` and
@@ -520,7 +560,11 @@ async def serve(
             )
             async with trio.open_nursery() as accepting:
                 for sock in sockets:
-                    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+                    listener: trio.abc.Listener[Any] = trio.SocketListener(
+                        trio.socket.from_stdlib_socket(sock)
+                    )
+                    if tls is not None:
+                        listener = trio.SSLListener(listener, tls, https_compatible=True)
                     accepting.start_soon(_accept, listener, handler, connections)
                 task_status.started()
                 await shutdown.wait()
@@ -533,8 +577,8 @@ async def serve(
 
 
 async def _accept(
-    listener: trio.SocketListener,
-    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    listener: trio.abc.Listener[Any],
+    handler: Callable[[Any], Awaitable[None]],
     connections: trio.Nursery,
 ) -> None:
     """Accept connections into ``connections`` until cancelled; then close ``listener``.
@@ -562,9 +606,7 @@ async def _accept(
                 connections.start_soon(_connection, handler, stream)
 
 
-async def _connection(
-    handler: Callable[[trio.SocketStream], Awaitable[None]], stream: trio.SocketStream
-) -> None:
+async def _connection(handler: Callable[[Any], Awaitable[None]], stream: trio.abc.Stream) -> None:
     try:
         await handler(stream)
     finally:

@@ -11,6 +11,8 @@ Routes (everything under ``/v2/``)::
                                            offline mirror's for that name, by pages
     GET|HEAD /v2/<name>/referrers/<digest> an empty OCI index: nothing refers to anything
 
+Beside them, ``/`` is the web page and ``/status.json`` what it shows (``web.py``).
+
 Quart's URL routing only splits off ``/v2/``; the rest is parsed here,
 because a repository name may hold any number of slashes and every bad
 input must get the registry's own error, not a framework page.  Every
@@ -33,8 +35,8 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from .. import __version__, logs
-from ..build.builder import Builder, ImageManifests, Manifest
+from .. import __version__, logs, metrics
+from ..build.builder import REQUESTER, Builder, ImageManifests, Manifest
 from ..build.sources import LATEST, PathSource
 from ..core.errors import (
     BadRequest,
@@ -45,11 +47,14 @@ from ..core.errors import (
     NotFound,
     RegistryError,
     StorageError,
+    Unauthorized,
     Unsupported,
 )
 from ..core.manifest import OCI_INDEX, acceptable
 from ..core.routes import Kind, Route, page, parse_route
 from ..version import source_version
+from . import web
+from .access import BasicAuth, requester
 from .blobs import blob_response, send_blob
 from .httpserver import ZEROCOPYSEND
 
@@ -93,15 +98,13 @@ def _disk_full(exc: BaseException) -> OSError | None:
     return None
 
 
-def error_response(
-    exc: RegistryError, package_set: str | None, extra_headers: dict[str, str] | None = None
-) -> Response:
-    """The registry JSON error for ``exc``, with its status."""
+def error_response(exc: RegistryError, package_set: str | None) -> Response:
+    """The registry JSON error for ``exc``, with its status and headers."""
     response = Response(
         error_body(exc, package_set), status=exc.status, content_type="application/json"
     )
     response.headers[API_VERSION_HEADER[0]] = API_VERSION_HEADER[1]
-    for key, value in (extra_headers or {}).items():
+    for key, value in exc.headers().items():
         response.headers[key] = value
     return response
 
@@ -137,6 +140,10 @@ class FastLane:
       ``http.response.zerocopysend`` extension, see ``httpserver.py``) and
       ``NIXERY_BLOB_SENDFILE`` allows it.
 
+    In front of both, with ``--htpasswd``, the credentials of every request
+    are checked (``access.py``), and whom it counts against for
+    ``--cold-builds-per-minute`` is set (``builder.REQUESTER``).
+
     Everything else goes to the Quart app, including every request whose
     path or headers need its checks, and blob errors (an unknown blob, a bad
     range), which Quart answers as usual.
@@ -145,6 +152,8 @@ class FastLane:
     def __init__(self, app: QuartTrio, builder: Builder, server_header: str) -> None:
         self.app = app
         self.builder = builder
+        htpasswd = builder.config.htpasswd
+        self.auth = BasicAuth(htpasswd) if htpasswd is not None else None
         self.sendfile = builder.config.blob_sendfile
         self.package_set = package_set_path(builder)
         self._common = [
@@ -153,11 +162,33 @@ class FastLane:
         ]
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
-            route = self._route(scope)
-            if route is not None and await self._answer(route, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        counted = _Counted(send)
+        try:
+            await self._serve(scope, receive, counted)
+        finally:
+            metrics.METRICS.request(metrics.route_label(scope["path"]), counted.status,
+                                    counted.sent)  # fmt: skip
+
+    async def _serve(self, scope: Any, receive: Any, send: Any) -> None:
+        user = None
+        if self.auth is not None:
+            try:
+                user = await self.auth.user(scope)
+            except Unauthorized as exc:
+                await self._send_error(exc, send)
                 return
-        await self.app(scope, receive, send)
+        who = REQUESTER.set(requester(scope, user))
+        try:
+            if scope["method"] in ("GET", "HEAD"):
+                route = self._route(scope)
+                if route is not None and await self._answer(route, scope, receive, send):
+                    return
+            await self.app(scope, receive, send)
+        finally:
+            REQUESTER.reset(who)
 
     async def _answer(self, route: Route, scope: Any, receive: Any, send: Any) -> bool:
         head = scope["method"] == "HEAD"
@@ -202,6 +233,7 @@ class FastLane:
         headers = [
             (b"Content-Type", b"application/json"),
             (b"Content-Length", str(len(body)).encode()),
+            *((k.encode(), v.encode()) for k, v in error.headers().items()),
             *self._common,
         ]
         await send({"type": "http.response.start", "status": error.status, "headers": headers})
@@ -237,6 +269,27 @@ class FastLane:
             return parse_route(path[4:])
         except RegistryError:
             return None
+
+
+class _Counted:
+    """ASGI ``send`` that notes a response's status and body bytes, for metrics."""
+
+    __slots__ = ("send", "sent", "status")
+
+    def __init__(self, send: Any) -> None:
+        self.send = send
+        self.status = 0  # no response (the client left first)
+        self.sent = 0
+
+    async def __call__(self, message: Any) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            self.sent += len(message.get("body", b""))
+        elif kind == ZEROCOPYSEND:
+            self.sent += message.get("count") or 0
+        elif kind == "http.response.start":
+            self.status = message["status"]
+        await self.send(message)
 
 
 async def _cancel_on_disconnect(receive: Any, scope: trio.CancelScope) -> None:
@@ -277,10 +330,7 @@ def create_app(builder: Builder) -> FastLane:
 
     @app.errorhandler(RegistryError)
     async def registry_error(exc: RegistryError) -> Response:
-        extra = {"Allow": "GET, HEAD"} if isinstance(exc, Unsupported) else None
-        if isinstance(exc.detail, dict) and "size" in exc.detail and exc.status == 416:
-            extra = {"Content-Range": f"bytes */{exc.detail['size']}"}
-        return error_response(exc, package_set, extra)
+        return error_response(exc, package_set)
 
     @app.errorhandler(Exception)
     async def unexpected_error(exc: Exception) -> Response:
@@ -330,7 +380,15 @@ def create_app(builder: Builder) -> FastLane:
         accept = _header(request.scope, b"accept")
         return _manifest_response(negotiated(found, accept, builder.config.oci), head)
 
-    @app.route("/", methods=ALL_METHODS)
+    web.mount(app, builder, package_set)  # / and /status.json
+    store = metrics.StoreCollector(builder.cas.blob_dir)
+
+    @app.route("/metrics", methods=["GET", "HEAD"])
+    async def prometheus() -> Response:
+        """Every worker's metrics, in Prometheus' text format."""
+        body = await trio.to_thread.run_sync(metrics.render, store)
+        return Response(body, content_type=metrics.CONTENT_TYPE)
+
     @app.route("/<path:rest>", methods=ALL_METHODS)
     async def elsewhere(rest: str = "") -> Response:
         raise NotFound(f"/{rest[:200]} is not part of the registry API (see /v2/)")

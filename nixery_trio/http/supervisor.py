@@ -34,7 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 
-from .. import logs
+from .. import logs, metrics
 
 #: Replacements allowed within :data:`RESTART_WINDOW` seconds.
 MAX_RESTARTS = 5
@@ -109,6 +109,7 @@ def _watch(worker: Callable[[], int], workers: set[int]) -> None:
             return
         for pid, status in _reap(workers):
             logs.error("worker.exited", worker=pid, status=status)
+            metrics.worker_exited(pid)
             now = time.monotonic()
             while deaths and now - deaths[0] > RESTART_WINDOW:
                 deaths.popleft()

@@ -1,5 +1,6 @@
 """Operator commands on a store: ``fsck`` checks it, ``gc`` shrinks it,
-``held_images`` lists the tags it holds (``nixery-trio ls``).
+``held_images`` (from ``store/inventory.py``, which the web page shares)
+lists the tags it holds (``nixery-trio ls``).
 
 **fsck** re-hashes every blob against its name, decompresses every cached
 layer to check its ``diff_id``, and checks every cache record: that it is
@@ -35,9 +36,11 @@ from isal import isal_zlib
 
 from ..core.digest import parse_digest
 from ..core.errors import DigestInvalid
-from ..core.manifest import DOCUMENT_LIMIT, BlobRef, closure, manifest_refs, parse_document
+from ..core.manifest import DOCUMENT_LIMIT, BlobRef, manifest_refs, parse_document
 from ..store.cache import MANIFEST_KEYS, LayerCache, ManifestCache, RecordIndex, TagCache
 from ..store.cas import CAS
+from ..store.inventory import HeldImage as HeldImage  # re-exported for `ls`
+from ..store.inventory import held_images as held_images
 
 #: The shortest grace period ``nixery-trio gc`` accepts: a server serves a
 #: manifest from memory for a while after checking it (and refreshing its
@@ -325,46 +328,3 @@ def parse_size(text: str) -> int:
     if value < 0:
         raise ValueError(f"a size cannot be negative: {text!r}")
     return int(value * _UNITS[unit])
-
-
-@dataclass(frozen=True)
-class HeldImage:
-    """One tag the store holds (``nixery-trio ls``).
-
-    ``digest`` is what a pull by tag gets (OCI's, else Docker's); ``size``
-    the bytes of every distinct blob it takes, for every platform and
-    format; ``created`` when this tag first gave these digests and
-    ``last_pulled`` when one of its manifests was last served (the server
-    refreshes that at most once a minute).
-    """
-
-    name: str
-    tag: str
-    platforms: tuple[str, ...]
-    digest: str
-    size: int
-    created: float
-    last_pulled: float
-
-
-def held_images(root: Path) -> list[HeldImage]:
-    """The tags the store holds, by name and tag, and what each takes."""
-    store = _Store(root)
-    held = []
-    for record in store.tags.records():
-        tops = [str(record[key]) for key in ("oci", "digest") if key in record]
-        if not tops:
-            continue
-        try:
-            found = closure(tops, lambda digest: store.cas.read_bytes(digest, DOCUMENT_LIMIT))
-            size = sum(found.blobs.values())
-            last_pulled = max(store.cas.path(d).stat().st_mtime for d in found.documents)
-        except (LookupError, ValueError, OSError):  # damaged: fsck says how
-            size, last_pulled = 0, 0.0
-        held.append(HeldImage(
-            name=str(record.get("name")), tag=str(record.get("tag")),
-            platforms=tuple(str(p) for p in record.get("platforms", ())),
-            digest=tops[0], size=size,
-            created=float(record.get("at", 0.0)), last_pulled=last_pulled,
-        ))  # fmt: skip
-    return sorted(held, key=lambda image: (image.name, image.tag))

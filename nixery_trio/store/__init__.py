@@ -1,2 +1,3 @@
 """The store on disk: content-addressed blobs, the msgpack-indexed caches and
-tag records, and the flock locks every process on one store shares."""
+tag records, the flock locks every process on one store shares, the board of
+builds in progress and recent, and what the store holds."""

@@ -1,8 +1,9 @@
 """Real container clients driven by the end-to-end tests.
 
 skopeo, umoci, containerd's ctr, podman and Docker's own daemon (Debian's
-docker.io), each with its state under a temporary directory, talking plain
-HTTP to 127.0.0.1 only.
+docker.io), each with its state under a temporary directory, talking to
+127.0.0.1 only: plain HTTP, or HTTPS with a test CA that each client is given
+in its own way (tests/e2e/test_tls_auth.py).
 """
 
 from __future__ import annotations
@@ -29,27 +30,56 @@ def run(
     return proc
 
 
+def skopeo_registry_options(
+    prefix: str, cert_dir: Path | None = None, creds: str | None = None
+) -> list[str]:
+    """skopeo's options for the registry: plain HTTP, or TLS verified with the
+    ``ca.crt`` of ``cert_dir``; and ``user:password`` if given. ``prefix`` is
+    ``--src-`` for the source of a copy, ``--`` for inspect."""
+    if cert_dir is None:
+        tls = [f"{prefix}tls-verify=false"]
+    else:
+        tls = [f"{prefix}cert-dir", str(cert_dir)]
+    return tls if creds is None else [*tls, f"{prefix}creds", creds]
+
+
 def skopeo_copy(
-    host: str, ref: str, oci_dir: Path, tag: str = "image", override_arch: str | None = None
-) -> None:
+    host: str,
+    ref: str,
+    oci_dir: Path,
+    tag: str = "image",
+    override_arch: str | None = None,
+    cert_dir: Path | None = None,
+    creds: str | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
     """Copy ``host/ref`` into an OCI layout, verifying every blob digest (from
-    an index, the platform of this machine or of ``override_arch``)."""
+    an index, the platform of this machine or of ``override_arch``); over TLS
+    with the CA of ``cert_dir`` and as ``creds`` if given."""
     arch = () if override_arch is None else ("--override-arch", override_arch)
-    run(
+    return run(
         [
             "skopeo",
             "--insecure-policy",
             *arch,
             "copy",
-            "--src-tls-verify=false",
+            *skopeo_registry_options("--src-", cert_dir, creds),
             f"docker://{host}/{ref}",
             f"oci:{oci_dir}:{tag}",
-        ]
+        ],
+        check=check,
     )
 
 
-def skopeo_inspect(host: str, ref: str, raw: bool = False, config: bool = False) -> dict:
-    argv = ["skopeo", "inspect", "--tls-verify=false"]
+def skopeo_inspect(
+    host: str,
+    ref: str,
+    raw: bool = False,
+    config: bool = False,
+    cert_dir: Path | None = None,
+    creds: str | None = None,
+) -> dict:
+    argv = ["skopeo", "inspect", *skopeo_registry_options("--", cert_dir, creds)]
     if raw:
         argv.append("--raw")
     if config:
@@ -129,9 +159,11 @@ def podman(
     timeout: float = 300,
     check: bool = True,
     storage_driver: str = "vfs",
+    input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """podman with private storage (vfs unless ``storage_driver`` says otherwise),
-    cgroupfs and runc (crun refuses this machine's hybrid cgroups)."""
+    cgroupfs and runc (crun refuses this machine's hybrid cgroups); ``input`` on
+    its standard input (``login --password-stdin``)."""
     return run(
         [
             "podman",
@@ -151,6 +183,7 @@ def podman(
         ],
         timeout=timeout,
         check=check,
+        input=input,
     )
 
 
@@ -164,11 +197,14 @@ class Dockerd:
     workdir: Path
 
     def docker(
-        self, *argv: str, timeout: float = 300, check: bool = True
+        self, *argv: str, timeout: float = 300, check: bool = True, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
+        """The client on this daemon; ``input`` on its standard input
+        (``login --password-stdin``). Client options such as ``--config DIR``
+        may come first in ``argv``."""
         # Debian's own client (a docker elsewhere on PATH may be another version).
         argv = ["/usr/bin/docker", "-H", f"unix://{self.socket}", *argv]
-        return run(argv, timeout=timeout, check=check)
+        return run(argv, timeout=timeout, check=check, input=input)
 
     def stop(self) -> None:
         stop_process(self.process, grace=30)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -12,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "nix" / "demo"
@@ -53,10 +56,17 @@ class Server:
     log_path: Path
     storage: Path
     host: str
+    #: The CA that signed the server's certificate, if it speaks HTTPS.
+    ca: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'http' if self.ca is None else 'https'}://{self.host}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """httpx's ``verify=`` for this server: its CA, if it speaks HTTPS."""
+        return True if self.ca is None else ssl.create_default_context(cafile=str(self.ca))
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         """The server's JSON log lines so far, optionally of one event."""
@@ -90,9 +100,12 @@ def start_server(
     storage: Path | None = None,
     wrapper: Sequence[str] = (),
     env: dict[str, str] | None = None,
+    ca: Path | None = None,
 ) -> Server:
     """Start ``nixery-trio serve`` on a free port of 127.0.0.1 (run by ``wrapper``, if
-    given; with ``env`` added to its environment)."""
+    given; with ``env`` added to its environment). With ``ca``, the server is
+    expected to speak HTTPS (``extra`` gives it its certificate) with a
+    certificate signed by that CA, and is ready once it has answered over TLS."""
     workdir.mkdir(parents=True, exist_ok=True)
     storage = storage or workdir / "store"
     log_path = workdir / f"server-{time.monotonic_ns()}.log"
@@ -106,14 +119,23 @@ def start_server(
     with open(log_path, "wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=log, env=nix_env() | (env or {}),
                                    cwd=REPO)  # fmt: skip
-    server = Server(process, log_path, storage, "")
+    server = Server(process, log_path, storage, "", ca)
 
     def started() -> str | None:
         if process.poll() is not None:
             raise RuntimeError(f"server exited early:\n{log_path.read_text()}")
         for entry in server.events("server.started"):
-            return str(entry["listen"][0]).removeprefix("http://")
+            return str(entry["listen"][0]).partition("://")[2] or str(entry["listen"][0])
         return None
 
     server.host = wait_for(started, 60, "the server to start")
+    if ca is not None:
+        # Any HTTP status will do (401 behind basic auth): the handshake is the check.
+        try:
+            httpx.get(f"{server.url}/v2/", verify=server.verify, timeout=60)
+        except httpx.TransportError as error:
+            server.stop()
+            raise RuntimeError(
+                f"no HTTPS answer from {server.url}: {error!r}\n{log_path.read_text()}"
+            ) from error
     return server

@@ -8,8 +8,10 @@ moment breaks the next response.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
@@ -19,6 +21,7 @@ import h11
 import hypercorn.config
 import pytest
 import trio
+import trustme
 
 from nixery_trio.http.httpserver import ZEROCOPYSEND, serve
 
@@ -252,4 +255,97 @@ async def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout(
             # Reset the connection, so a server that still waits stops waiting.
             stalled.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
             stalled.close()
+        nursery.cancel_scope.cancel()
+
+
+# --- TLS ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def server_tls(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    return context
+
+
+async def tls_client(ca: trustme.CA, port: int) -> Client:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), context,
+                            server_hostname="127.0.0.1")  # fmt: skip
+    return Client(stream)  # type: ignore[arg-type]
+
+
+async def test_over_tls_bodies_go_through_python_and_connections_stay_usable(
+    tmp_path: Path, tls_ca: trustme.CA
+) -> None:
+    path = tmp_path / "blob"
+    path.write_bytes(DATA)
+    app = FileApp(path)
+    sock = socket.create_server(("127.0.0.1", 0))
+    config = hypercorn.config.Config()
+    config.accesslog = config.errorlog = None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(serve, app, config, [sock], tls=server_tls(tls_ca)))
+        client = await tls_client(tls_ca, sock.getsockname()[1])
+        for query in ("plain=1&pieces=3", "plain=1&offset=5&count=100"):
+            response, body = await client.get(f"/?{query}")
+            assert response.status_code == 200
+            offset = 5 if "offset" in query else 0
+            count = 100 if "count" in query else len(DATA)
+            assert body == DATA[offset : offset + count]
+        # The app is told it is HTTPS, and is not offered the kernel's sendfile.
+        assert all(s["scheme"] == "https" for s in app.scopes)
+        assert all(ZEROCOPYSEND not in s["extensions"] for s in app.scopes)
+        # Plain HTTP on the TLS port gets no HTTP answer.
+        plain = await trio.open_tcp_stream("127.0.0.1", sock.getsockname()[1])
+        await plain.send_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+        with trio.fail_after(10):
+            answer = b""
+            with contextlib.suppress(trio.BrokenResourceError):
+                while chunk := await plain.receive_some(1000):
+                    answer += chunk
+        assert not answer.startswith(b"HTTP/")
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_tls_handshake_that_never_comes_is_closed_after_the_header_timeout(
+    tls_ca: trustme.CA,
+) -> None:
+    sock = socket.create_server(("127.0.0.1", 0))
+    config = hypercorn.config.Config()
+    config.accesslog = config.errorlog = None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(serve, FileApp(Path("/nonexistent")), config, [sock],
+                                    header_timeout=0.5, tls=server_tls(tls_ca)))  # fmt: skip
+        silent = await trio.open_tcp_stream("127.0.0.1", sock.getsockname()[1])
+        with trio.fail_after(10):
+            assert await silent.receive_some(100) == b""  # closed by the server
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_tls_client_that_stops_reading_is_cut_off_after_the_send_timeout(
+    tmp_path: Path, tls_ca: trustme.CA, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = BigApp(tmp_path / "unused")
+    sock = socket.create_server(("127.0.0.1", 0))
+    config = hypercorn.config.Config()
+    config.accesslog = config.errorlog = None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(serve, app, config, [sock], send_timeout=0.5,
+                                    tls=server_tls(tls_ca)))  # fmt: skip
+        stalled = await tls_client(tls_ca, sock.getsockname()[1])
+        request = h11.Request(method="GET", target="/big?plain=1", headers=[("Host", "t")])
+        await stalled.stream.send_all(stalled.conn.send(request))
+        assert await stalled.stream.receive_some(1000)
+        with trio.fail_after(10):
+            while not app.finished:
+                await trio.sleep(0.05)
+        assert any(r.getMessage() == "client.stalled" for r in caplog.records)
+        other = await tls_client(tls_ca, sock.getsockname()[1])
+        assert (await other.get("/small"))[1] == bytes(5)
         nursery.cancel_scope.cancel()

@@ -199,3 +199,31 @@ def test_docs_configuration_md_is_generated_from_the_settings() -> None:
     )
     for setting in settings.SETTINGS:
         assert f"`{setting.flag}` | `{setting.env}`" in docs.read_text()
+
+
+def test_access_settings(tmp_path: Path) -> None:
+    config = make_config(raw(channel="c", allow_packages="git, python3* ,",
+                             deny_packages="cow*", cold_builds_per_minute="5"))  # fmt: skip
+    assert config.packages.allow == ("git", "python3*")
+    assert config.packages.deny == ("cow*",)
+    assert config.cold_builds_per_minute == 5
+    assert config.tls_cert is None and config.htpasswd is None
+    toml = tmp_path / "c.toml"
+    toml.write_text('allow_packages = ["git", "htop"]\nstorage_path = "/s"\nchannel = "c"\n')
+    loaded = settings.load("serve", {}, toml, {})
+    assert make_config(loaded.values).packages.allow == ("git", "htop")
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"tls_cert": "/does/not/exist"}, "NIXERY_TLS_CERT: '/does/not/exist' is not a readable"),
+        ({"tls_cert": __file__}, "NIXERY_TLS_KEY: is needed too"),
+        ({"tls_cert": __file__, "tls_key": __file__}, "NIXERY_TLS_CERT: cannot be used"),
+        ({"htpasswd": __file__}, "NIXERY_HTPASSWD: line 1"),
+        ({"cold_builds_per_minute": "-1"}, "NIXERY_COLD_BUILDS_PER_MINUTE: must be between"),
+    ],
+)
+def test_bad_access_settings_are_clear_errors(values: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make_config(raw(channel="c", **values))
