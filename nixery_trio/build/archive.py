@@ -191,7 +191,7 @@ BlockCompressor = Callable[[memoryview, bytes], tuple[bytes, int]]
 
 
 class Writable(Protocol):
-    """Where a layer's gzip bytes go: a file, or a :class:`~nixery_trio.cas.BlobWriter`."""
+    """Where a layer's gzip bytes go: a file, or a :class:`~nixery_trio.store.cas.BlobWriter`."""
 
     def write(self, data: bytes, /) -> object: ...
 

@@ -2,7 +2,7 @@
 
 For a manifest request by tag the builder
 
-1. parses the name into an :class:`~nixery_trio.image.Image`,
+1. parses the name into an :class:`~nixery_trio.core.image.Image`,
 2. asks the source for a cache key and, if there is one, looks up the
    manifest cache (a hit serves with no Nix and no layer work),
 3. otherwise runs one Nix build (``nix.py``), groups the closure into

@@ -8,7 +8,7 @@ accepted as an alias for the same blob (one blob, one name).
 
 Validation explains what is wrong (algorithm, length, case, characters),
 because "DIGEST_INVALID" alone does not tell a person which of them they got
-wrong.  It raises :class:`~nixery_trio.errors.DigestInvalid`, which the HTTP
+wrong.  It raises :class:`~nixery_trio.core.errors.DigestInvalid`, which the HTTP
 layer maps to a 400 response.
 """
 

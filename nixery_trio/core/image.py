@@ -13,11 +13,11 @@ turns ``(name, tag)`` into an :class:`Image` following these rules, in order:
    and may be at most 255 characters.  This rejects everything that would be
    dangerous or meaningless to hand to Nix: ``..``, empty components (``a//b``),
    leading or trailing ``/``, upper case, quotes, spaces and Nix syntax such as
-   ``${`` or ``;``.  Failures raise :class:`~nixery_trio.errors.NameInvalid`
+   ``${`` or ``;``.  Failures raise :class:`~nixery_trio.core.errors.NameInvalid`
    with a message naming the problem.
 
 2. **The tag must be a valid OCI tag**, ``[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}``,
-   else :class:`~nixery_trio.errors.TagInvalid`.  The tag is kept on the
+   else :class:`~nixery_trio.core.errors.TagInvalid`.  The tag is kept on the
    image (package sources use it, e.g. as a git revision) but does not change
    the package list.
 

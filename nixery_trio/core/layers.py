@@ -23,7 +23,7 @@ Inputs
   link): every path that nothing refers to is treated as a root too, so the
   layers always cover the whole graph and nothing it lists is left out of the
   image;
-* popularity data (:mod:`nixery_trio.popularity`): how many packages in
+* popularity data (:mod:`nixery_trio.core.popularity`): how many packages in
   nixpkgs use a path, by the path's name;
 * a layer budget.
 

@@ -1,6 +1,6 @@
 """Package popularity data, and the store path names it is keyed by.
 
-The layering algorithm (:mod:`nixery_trio.layers`) gives popular packages
+The layering algorithm (:mod:`nixery_trio.core.layers`) gives popular packages
 their own layers, so that images built for different requests share them and
 clients download them once.  Popularity comes from a file computed in advance
 (Nixery's ``popcount``): a JSON object mapping the *name* of a store path —

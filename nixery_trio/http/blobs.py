@@ -59,7 +59,7 @@ class BlobReply:
 def plan_reply(digest: str, size: int, range_header: str | None) -> BlobReply:
     """The reply to a blob request, from the blob's size (pure).
 
-    Raises :class:`~nixery_trio.errors.RangeNotSatisfiable` for a bad range.
+    Raises :class:`~nixery_trio.core.errors.RangeNotSatisfiable` for a bad range.
     """
     headers = [
         ("Content-Type", "application/octet-stream"),
@@ -100,7 +100,7 @@ async def send_blob(
 ) -> None:
     """Answer a blob request on ASGI ``send`` with ``zerocopysend``.
 
-    Raises a :class:`~nixery_trio.errors.RegistryError` (unknown blob, bad
+    Raises a :class:`~nixery_trio.core.errors.RegistryError` (unknown blob, bad
     range) before anything is sent, so the caller can answer it instead.
     """
     try:

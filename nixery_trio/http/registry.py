@@ -11,7 +11,8 @@ Routes (everything under ``/v2/``)::
                                            offline mirror's for that name, by pages
     GET|HEAD /v2/<name>/referrers/<digest> an empty OCI index: nothing refers to anything
 
-Beside them, ``/`` is the web page and ``/status.json`` what it shows (``web.py``).
+Beside them, ``/`` is the web page and ``/status.json`` what it shows
+(``web.py``), and ``/metrics`` every worker's metrics (``metrics.py``).
 
 Quart's URL routing only splits off ``/v2/``; the rest is parsed here,
 because a repository name may hold any number of slashes and every bad
