@@ -39,6 +39,7 @@ from rich.table import Table
 from . import config as settings
 from . import logs, metrics
 from .build.builder import Builder
+from .build.sources import LATEST, PathSource
 from .config import Config, make_config
 from .core.errors import ConfigError
 from .core.popularity import parse_popularity
@@ -189,6 +190,7 @@ async def run_server(
         nursery.start_soon(_drain_on_signal, shutdown, nursery.cancel_scope, worker)
         builder = Builder(config, CAS(config.storage_path), popularity, nursery)
         builder.progress_hooks.append(metrics.BuildObserver())
+        metrics.ready()
         _log_store_opened(config, await trio.to_thread.run_sync(builder.open, not worker))
         serving = partial(
             httpserver.serve,
@@ -338,6 +340,10 @@ def serve(**raw: Any) -> None:
         raise click.ClickException(str(exc)) from exc
     release_large_buffers()
     raise_open_files_limit()
+    if isinstance(config.source, PathSource):
+        # Hashed once here, the package set's file hashes are every worker's
+        # from the fork on: a first pull only stats the files.
+        logs.info("source.hashed", key=config.source.cache_key(LATEST))
     with _metrics_directory() as directory:
         metrics.enable_multiprocess(directory)
         if config.workers > 1:

@@ -94,13 +94,16 @@ class Metrics:
 
     def request(self, route: str, status: int, sent: int) -> None:
         """Count one answered request of ``route`` and the body bytes it sent."""
-        children = self._requests.get((route, status))
-        if children is None:
-            children = (self.requests.labels(route, str(status)), self.response_bytes.labels(route))
-            self._requests[route, status] = children
-        children[0].inc()
+        requests, sent_bytes = self._requests.get((route, status)) or self.children(route, status)
+        requests.inc()
         if sent:
-            children[1].inc(sent)
+            sent_bytes.inc(sent)
+
+    def children(self, route: str, status: int) -> tuple[Any, Any]:
+        """The request and byte counters of ``route`` and ``status`` (made at zero)."""
+        made = (self.requests.labels(route, str(status)), self.response_bytes.labels(route))
+        self._requests[route, status] = made
+        return made
 
 
 #: Outcomes of a build that started (ran Nix), and the phases it went through.
@@ -190,6 +193,19 @@ def enable_multiprocess(directory: Path) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
     values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
     METRICS = Metrics()
+
+
+def ready() -> None:
+    """Open this process's metric files now, not on its first request.
+
+    A forked process's first update (re)opens the files of every value
+    made so far, and a new label set opens its own: a few milliseconds that
+    would otherwise land on the first requests a worker answers.  The
+    routes and statuses of pulls are made here once.
+    """
+    METRICS.builds_queued.inc(0)  # the first update after a fork re-reads every value
+    for route, status in (("base", 200), ("manifest", 200), ("manifest", 404), ("blob", 200)):
+        METRICS.children(route, status)
 
 
 def worker_exited(pid: int) -> None:
