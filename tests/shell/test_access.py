@@ -54,13 +54,20 @@ async def test_right_credentials_pass_and_wrong_ones_get_the_challenge(tmp_path:
         }
 
 
-async def test_a_header_that_checked_out_skips_bcrypt(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    auth = BasicAuth(htpasswd(tmp_path / "htpasswd", alice="s3cret"))
-    calls = []
+@pytest.fixture
+def bcrypt_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The passwords bcrypt checks from now on (it still checks them)."""
+    calls: list[bytes] = []
     real = access._checkpw
     monkeypatch.setattr(access, "_checkpw", lambda p, h: calls.append(p) or real(p, h))
+    return calls
+
+
+async def test_a_header_that_checked_out_skips_bcrypt(
+    tmp_path: Path, bcrypt_calls: list[bytes]
+) -> None:
+    auth = BasicAuth(htpasswd(tmp_path / "htpasswd", alice="s3cret"))
+    calls = bcrypt_calls
     for _ in range(5):
         assert await auth.user(scope("alice", "s3cret")) == "alice"
     assert len(calls) == 1
@@ -71,12 +78,10 @@ async def test_a_header_that_checked_out_skips_bcrypt(
 
 
 async def test_one_check_answers_the_same_header_on_many_connections(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, bcrypt_calls: list[bytes]
 ) -> None:
     auth = BasicAuth(htpasswd(tmp_path / "htpasswd", alice="s3cret"))
-    calls = []
-    real = access._checkpw
-    monkeypatch.setattr(access, "_checkpw", lambda p, h: calls.append(p) or real(p, h))
+    calls = bcrypt_calls
     users: list[str] = []
     refused: list[int] = []
 

@@ -91,12 +91,18 @@ async def server(tmp_path: Path) -> AsyncIterator[tuple[int, FileApp]]:
     app = FileApp(path)
     sock = socket.create_server(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = hypercorn.config.Config()
-    config.accesslog = config.errorlog = None
+    config = quiet_config()
     async with trio.open_nursery() as nursery:
         await nursery.start(serve, app, config, [sock])
         yield port, app
         nursery.cancel_scope.cancel()
+
+
+def quiet_config() -> hypercorn.config.Config:
+    """Hypercorn's configuration without its access and error logs."""
+    config = hypercorn.config.Config()
+    config.accesslog = config.errorlog = None
+    return config
 
 
 class Client:
@@ -176,8 +182,7 @@ async def test_a_file_shorter_than_promised_closes_the_connection(tmp_path: Path
             await send({"type": ZEROCOPYSEND, "file": f, "offset": 0, "count": 20})
 
     sock = socket.create_server(("127.0.0.1", 0))
-    config = hypercorn.config.Config()
-    config.accesslog = config.errorlog = None
+    config = quiet_config()
     async with trio.open_nursery() as nursery:
         await nursery.start(serve, app, config, [sock])
         stream = await trio.open_tcp_stream("127.0.0.1", sock.getsockname()[1])
@@ -226,8 +231,7 @@ async def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout(
         f.truncate(BIG)
     app = BigApp(path)
     sock = socket.create_server(("127.0.0.1", 0))
-    config = hypercorn.config.Config()
-    config.accesslog = config.errorlog = None
+    config = quiet_config()
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(serve, app, config, [sock], send_timeout=0.5))
         stalled = trio.socket.socket()
@@ -287,8 +291,7 @@ async def test_over_tls_bodies_go_through_python_and_connections_stay_usable(
     path.write_bytes(DATA)
     app = FileApp(path)
     sock = socket.create_server(("127.0.0.1", 0))
-    config = hypercorn.config.Config()
-    config.accesslog = config.errorlog = None
+    config = quiet_config()
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(serve, app, config, [sock], tls=server_tls(tls_ca)))
         client = await tls_client(tls_ca, sock.getsockname()[1])
@@ -317,8 +320,7 @@ async def test_a_tls_handshake_that_never_comes_is_closed_after_the_header_timeo
     tls_ca: trustme.CA,
 ) -> None:
     sock = socket.create_server(("127.0.0.1", 0))
-    config = hypercorn.config.Config()
-    config.accesslog = config.errorlog = None
+    config = quiet_config()
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(serve, FileApp(Path("/nonexistent")), config, [sock],
                                     header_timeout=0.5, tls=server_tls(tls_ca)))  # fmt: skip
@@ -333,8 +335,7 @@ async def test_a_tls_client_that_stops_reading_is_cut_off_after_the_send_timeout
 ) -> None:
     app = BigApp(tmp_path / "unused")
     sock = socket.create_server(("127.0.0.1", 0))
-    config = hypercorn.config.Config()
-    config.accesslog = config.errorlog = None
+    config = quiet_config()
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(serve, app, config, [sock], send_timeout=0.5,
                                     tls=server_tls(tls_ca)))  # fmt: skip
