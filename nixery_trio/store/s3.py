@@ -1,0 +1,354 @@
+"""One S3 bucket, with exactly the operations a registry store needs from it.
+
+This is the groundwork of the S3 backend (issue #14): a thin, typed layer
+over boto3 that says, for each S3 call the registry will make, why it makes
+it.  Every method blocks on the network; the shell calls them from worker
+threads (``trio.to_thread.run_sync``), as it does the :class:`~.cas.CAS`.
+
+The properties the registry relies on, and the S3 feature that gives each:
+
+* A layer is streamed from the one-pass writer with bounded memory and is
+  visible only when whole: :meth:`S3Bucket.put_stream` buffers at most one
+  part (:data:`PART_SIZE`) and sends it as a part of a multipart upload,
+  which S3 makes into an object only at ``CompleteMultipartUpload``.
+* A build lease is taken and renewed without a lock server:
+  :meth:`S3Bucket.put_if_absent` (``If-None-Match: *``) and
+  :meth:`S3Bucket.put_if_match` (``If-Match: <etag>``) are S3's conditional
+  writes; of racing writers exactly one succeeds, the others get 412.
+* A client is sent to the bucket rather than through the server:
+  :meth:`S3Bucket.presigned_get` signs only the host, so the client may add
+  its own ``Range`` header.
+
+Failures of the store become :class:`~nixery_trio.core.errors.StorageError`;
+"not there" is ``None`` and "precondition failed" is ``False``, since a
+caller decides on those rather than reports them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, cast
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from ..core.errors import RangeNotSatisfiable, StorageError
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.client import S3Client
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+
+#: Bytes in one part of a multipart upload, and so the most a stream buffers.
+#: S3 wants at least 5 MiB in every part but the last, and at most 10 000
+#: parts: 8 MiB parts carry layers of up to 78 GiB.
+PART_SIZE = 8 << 20
+#: S3's smallest part (every part but the last).
+MIN_PART_SIZE = 5 << 20
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def _missing(exc: ClientError) -> bool:
+    """Whether S3 said that the key (not the bucket) does not exist."""
+    code = exc.response.get("Error", {}).get("Code", "")
+    return code in ("NoSuchKey", "404", "NotFound")
+
+
+def _failed(what: str, exc: Exception) -> StorageError:
+    return StorageError(f"S3 {what} failed: {exc}")
+
+
+class S3Bucket:
+    """One bucket of an S3 service (AWS, or a compatible one at ``endpoint_url``).
+
+    With an ``endpoint_url`` the bucket is addressed by path
+    (``http://host/bucket/key``), which every S3-compatible server accepts
+    whatever its DNS; without one (AWS itself), boto3's default applies.
+    The boto3 client is thread-safe, so one ``S3Bucket`` serves every
+    worker thread.
+    """
+
+    def __init__(
+        self,
+        endpoint_url: str | None,
+        bucket: str,
+        access_key: str,
+        secret_key: str,
+        region: str,
+        part_size: int = PART_SIZE,
+    ) -> None:
+        if part_size < MIN_PART_SIZE:
+            raise ValueError(f"part_size {part_size} is below S3's minimum of {MIN_PART_SIZE}")
+        self.bucket = bucket
+        self.part_size = part_size
+        config = Config(
+            region_name=region,
+            signature_version="s3v4",
+            retries={"mode": "standard"},
+            s3={"addressing_style": "path"} if endpoint_url else {},
+        )
+        # A session of its own: boto3's default session is not thread-safe.
+        self._client: S3Client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=endpoint_url,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            config=config,
+        )
+
+    def put_stream(self, key: str) -> contextlib.AbstractContextManager[S3StreamWriter]:
+        """A writer for a blob of unknown size (a layer from the one-pass writer).
+
+        Memory stays at one part however large the blob, and nobody sees the
+        object until :meth:`S3StreamWriter.commit`; leaving the ``with``
+        block without committing aborts the upload, so S3 keeps no parts.
+        """
+        return _open_stream(self, key)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create ``key`` unless it exists (``If-None-Match: *``); whether it was created.
+
+        This takes a build lease: of several writers racing, exactly one gets
+        ``True``.  A request retried after a lost reply may find the object
+        its first attempt made and say ``False``: the lease is then held by
+        nobody who knows it, and expires, which is safe.
+        """
+        return self._conditionally(
+            key,
+            lambda: self._client.put_object(
+                Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*"
+            ),
+        )
+
+    def put_if_match(self, key: str, data: bytes, etag: str) -> bool:
+        """Replace ``key`` if it still has ``etag`` (``If-Match``); whether it was replaced.
+
+        This renews or hands over a lease: ``False`` means someone else wrote
+        it since ``etag`` was read (or it is gone), so the lease is lost.
+        """
+        return self._conditionally(
+            key,
+            lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=data, IfMatch=etag),
+        )
+
+    def _conditionally(self, key: str, put: Callable[[], object]) -> bool:
+        """Whether the conditional ``put`` of ``key`` wrote: ``False`` when its
+        precondition failed, :class:`StorageError` when the store did."""
+        try:
+            put()
+        except ClientError as exc:
+            # 409: a conditional write racing another on the same key (AWS);
+            # 404: ``If-Match`` on a key that is gone (AWS; SeaweedFS says 412).
+            if _status(exc) in (412, 409) or _missing(exc):
+                return False
+            raise _failed(f"conditional put of {key}", exc) from exc
+        except BotoCoreError as exc:
+            raise _failed(f"conditional put of {key}", exc) from exc
+        return True
+
+    def get(self, key: str) -> bytes | None:
+        """The whole object, or ``None`` if there is none: for small records
+        (manifests, index entries, leases) read in one go."""
+        try:
+            reply = self._client.get_object(Bucket=self.bucket, Key=key)
+            return reply["Body"].read()
+        except ClientError as exc:
+            if _missing(exc):
+                return None
+            raise _failed(f"get of {key}", exc) from exc
+        except BotoCoreError as exc:
+            raise _failed(f"get of {key}", exc) from exc
+
+    def get_range(self, key: str, first: int, last: int) -> bytes:
+        """Bytes ``first`` to ``last`` (both included, as in HTTP's ``Range``).
+
+        For a blob served through the registry rather than by redirect.  A
+        range past the end raises :class:`RangeNotSatisfiable`; a missing
+        object is a :class:`StorageError`, since the caller found it first.
+        """
+        try:
+            reply = self._client.get_object(
+                Bucket=self.bucket, Key=key, Range=f"bytes={first}-{last}"
+            )
+            return reply["Body"].read()
+        except ClientError as exc:
+            if _status(exc) == 416:
+                raise RangeNotSatisfiable(f"bytes {first}-{last} are outside {key}") from exc
+            raise _failed(f"ranged get of {key}", exc) from exc
+        except BotoCoreError as exc:
+            raise _failed(f"ranged get of {key}", exc) from exc
+
+    def stat(self, key: str) -> tuple[int, str] | None:
+        """``(size, etag)`` of ``key``, or ``None``: whether a blob is there and how
+        large (HEAD of a blob), and the ETag that :meth:`put_if_match` needs."""
+        try:
+            reply = self._client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _missing(exc):
+                return None
+            raise _failed(f"stat of {key}", exc) from exc
+        except BotoCoreError as exc:
+            raise _failed(f"stat of {key}", exc) from exc
+        return reply["ContentLength"], reply["ETag"]
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Every key under ``prefix``, in S3's (lexical) order, page by page:
+        for garbage collection and the operator commands."""
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        )
+        try:
+            for page in pages:
+                for entry in page.get("Contents", []):
+                    yield entry["Key"]
+        except (ClientError, BotoCoreError) as exc:
+            raise _failed(f"list of {prefix!r}", exc) from exc
+
+    def delete(self, key: str) -> None:
+        """Remove ``key`` (garbage collection, a released lease); no error if it is gone."""
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise _failed(f"delete of {key}", exc) from exc
+
+    def presigned_get(self, key: str, expires_seconds: int) -> str:
+        """A URL that fetches ``key`` without credentials until ``expires_seconds``
+        from now: the registry redirects a blob GET there, so layers do not pass
+        through it.  Only the host is signed, so the client may send ``Range``.
+        Made locally, with no request."""
+        return self._client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_seconds
+        )
+
+
+class S3StreamWriter:
+    """A multipart upload fed by :meth:`write`, holding at most one part in memory.
+
+    The one buffer of ``part_size`` bytes is allocated once and reused: a
+    full buffer is sent as the next part (and the write waits for it), so
+    memory does not grow with the blob.  The upload is started only when the
+    first part is full: a blob smaller than a part is one ``PutObject`` at
+    :meth:`commit`.
+    """
+
+    def __init__(self, bucket: S3Bucket, key: str) -> None:
+        self._bucket = bucket
+        self._client = bucket._client
+        self.key = key
+        self._part = bytearray(bucket.part_size)
+        self._filled = 0
+        self._upload_id: str | None = None
+        self._parts: list[CompletedPartTypeDef] = []
+        self.size = 0
+        self.done = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes written but not yet sent (never more than one part)."""
+        return self._filled
+
+    def write(self, data: bytes) -> int:
+        """Append ``data``, sending each part as it fills."""
+        if self.done:
+            raise ValueError(f"write to {self.key} after commit or abort")
+        view = memoryview(data)
+        while view:
+            room = len(self._part) - self._filled
+            chunk = view[:room]
+            self._part[self._filled : self._filled + len(chunk)] = chunk
+            self._filled += len(chunk)
+            view = view[len(chunk) :]
+            if self._filled == len(self._part):
+                self._send_part()
+        self.size += len(data)
+        return len(data)
+
+    def _body(self) -> bytes:
+        # botocore takes a bytearray as it is (its validator lists the type,
+        # its stubs do not): no copy of the part.
+        return cast(bytes, self._part)
+
+    def _send_part(self) -> None:
+        """Send what the buffer holds as the next part, starting the upload if needed."""
+        try:
+            if self._upload_id is None:
+                created = self._client.create_multipart_upload(
+                    Bucket=self._bucket.bucket, Key=self.key
+                )
+                self._upload_id = created["UploadId"]
+            number = len(self._parts) + 1
+            # The bytearray itself (botocore sends it without a copy); a last,
+            # short part is the buffer cut down in place.
+            if self._filled < len(self._part):
+                del self._part[self._filled :]
+            sent = self._client.upload_part(
+                Bucket=self._bucket.bucket,
+                Key=self.key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=self._body(),
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise _failed(f"upload of a part of {self.key}", exc) from exc
+        self._parts.append({"PartNumber": number, "ETag": sent["ETag"]})
+        self._filled = 0
+
+    def commit(self) -> str:
+        """Make the object, whole, visible under its key; its ETag.
+
+        A multipart upload's ETag is not the MD5 of the object, so the
+        registry names blobs by their own digest, never by it.
+        """
+        if self.done:
+            raise ValueError(f"{self.key} was already committed or aborted")
+        try:
+            if self._upload_id is None:
+                del self._part[self._filled :]
+                reply = self._client.put_object(
+                    Bucket=self._bucket.bucket, Key=self.key, Body=self._body()
+                )
+                etag = reply["ETag"]
+            else:
+                if self._filled:
+                    self._send_part()
+                completed = self._client.complete_multipart_upload(
+                    Bucket=self._bucket.bucket,
+                    Key=self.key,
+                    UploadId=self._upload_id,
+                    MultipartUpload={"Parts": self._parts},
+                )
+                etag = completed["ETag"]
+        except (ClientError, BotoCoreError) as exc:
+            raise _failed(f"commit of {self.key}", exc) from exc
+        self.done = True
+        self._part = bytearray()
+        return etag
+
+    def abort(self) -> None:
+        """Drop what was written: S3 deletes the parts sent so far (they are billed
+        until then).  Idempotent, and a no-op after :meth:`commit`."""
+        if self.done:
+            return
+        self.done = True
+        self._part = bytearray()
+        if self._upload_id is None:
+            return
+        try:
+            self._client.abort_multipart_upload(
+                Bucket=self._bucket.bucket, Key=self.key, UploadId=self._upload_id
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise _failed(f"abort of the upload of {self.key}", exc) from exc
+
+
+@contextlib.contextmanager
+def _open_stream(bucket: S3Bucket, key: str) -> Iterator[S3StreamWriter]:
+    writer = S3StreamWriter(bucket, key)
+    try:
+        yield writer
+    finally:
+        writer.abort()

