@@ -42,7 +42,7 @@ import trio
 
 from .. import logs
 from ..core.errors import RegistryError
-from .cas import recreating
+from .cas import replace_file
 
 #: Seconds between two writes of a process's board (a build's progress in
 #: between is coalesced into the next write).
@@ -338,14 +338,7 @@ class ActivityBoard:
                 self._warned = True
 
     def _put(self, directory: Path, name: str, activity: Activity) -> None:
-        tmp = self.folders.tmp / f"{secrets.token_hex(12)}.activity"
-        try:
-            with recreating(self.folders.tmp, lambda: open(tmp, "xb")) as f:
-                f.write(encode_activity(activity))
-            recreating(directory, lambda: os.rename(tmp, directory / name))
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
+        replace_file(self.folders.tmp, directory / name, encode_activity(activity), ".activity")
 
     def _prune(self) -> None:
         names = sorted(_names(self.folders.recent))

@@ -23,7 +23,6 @@ fsync in every cold build.
 from __future__ import annotations
 
 import os
-import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +33,7 @@ import msgpack
 
 from ..core.errors import StorageError
 from ..core.manifest import Format, LayerBlob
-from .cas import CAS, recreating
+from .cas import CAS, replace_file
 
 _CHECKSUM = 32
 
@@ -71,15 +70,10 @@ class RecordIndex:
     def put(self, key: str, value: dict[str, Any]) -> None:
         payload = msgpack.packb({**value, "key": key}, use_bin_type=True)
         data = blake3.blake3(payload).digest() + payload
-        tmp = self.tmp_dir / f"{secrets.token_hex(12)}.rec"
         try:
-            with recreating(self.tmp_dir, lambda: open(tmp, "xb")) as f:
-                f.write(data)
-            recreating(self.directory, lambda: os.rename(tmp, self._path(key)))
+            replace_file(self.tmp_dir, self._path(key), data, ".rec")
         except OSError as exc:
             raise StorageError(f"cannot write a cache record in {self.directory}: {exc}") from exc
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)

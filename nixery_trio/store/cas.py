@@ -58,6 +58,21 @@ def recreating(directory: Path, action: Callable[[], T]) -> T:
         return action()
 
 
+def replace_file(tmp_dir: Path, target: Path, data: bytes, suffix: str) -> None:
+    """Put ``data`` at ``target`` whole or not at all: a new file in ``tmp_dir``
+    (named ``*suffix``), renamed over ``target``.  Not fsynced: for records
+    that name durable blobs, or say what a process is doing, and are checked
+    when read (blobs go through :class:`BlobWriter`)."""
+    tmp = tmp_dir / f"{secrets.token_hex(12)}{suffix}"
+    try:
+        with recreating(tmp_dir, lambda: open(tmp, "xb")) as f:
+            f.write(data)
+        recreating(target.parent, lambda: os.rename(tmp, target))
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
 _SYNC_THREADS: tuple[int, ThreadPoolExecutor] | None = None
 _SYNC_THREADS_LOCK = threading.Lock()
 
