@@ -47,6 +47,7 @@ from .http import httpserver, supervisor
 from .http.registry import create_app
 from .ops import bundle, maintenance, prefetch
 from .store.cas import CAS
+from .store.inventory import held_images
 from .version import source_version
 
 
@@ -471,7 +472,7 @@ def import_command(bundles: tuple[Path, ...], **raw: Any) -> None:
 def list_command(as_json: bool, **raw: Any) -> None:
     """The images the store holds: tag, platforms, digest, size, created, last pulled."""
     storage_path = _store(raw)
-    images = maintenance.held_images(storage_path)
+    images = held_images(storage_path)
     if as_json:
         for image in images:
             click.echo(json.dumps(dataclasses.asdict(image)))

@@ -35,6 +35,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .store.inventory import blob_totals
+
 #: Content type of the text format ``render`` writes.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: Seconds a build or phase takes: from a warm layer set to a slow Nix build.
@@ -218,8 +220,8 @@ class StoreCollector(Collector):
     """The store's blobs and their bytes, counted at scrape time (at most every
     :data:`STORE_SCAN_SECONDS`), in a registry of its own."""
 
-    def __init__(self, blob_dir: Path) -> None:
-        self.blob_dir = blob_dir
+    def __init__(self, root: Path) -> None:
+        self.root = root
         self._scanned = (-STORE_SCAN_SECONDS, 0, 0)
         self.registry = CollectorRegistry()
         self.registry.register(self)
@@ -227,25 +229,10 @@ class StoreCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         at, blobs, size = self._scanned
         if time.monotonic() - at >= STORE_SCAN_SECONDS:
-            blobs, size = _scan(self.blob_dir)
+            blobs, size = blob_totals(self.root)
             self._scanned = (time.monotonic(), blobs, size)
         yield GaugeMetricFamily("nixery_store_blobs", "Blobs in the store.", value=blobs)
         yield GaugeMetricFamily("nixery_store_bytes", "Bytes of the store's blobs.", value=size)
-
-
-def _scan(blob_dir: Path) -> tuple[int, int]:
-    blobs = size = 0
-    try:
-        with os.scandir(blob_dir) as entries:
-            for entry in entries:
-                try:
-                    size += entry.stat(follow_symlinks=False).st_size
-                    blobs += 1
-                except OSError:
-                    pass  # removed by gc meanwhile
-    except OSError:
-        pass
-    return blobs, size
 
 
 def render(store: StoreCollector) -> bytes:

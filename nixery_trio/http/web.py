@@ -43,7 +43,7 @@ from .. import __version__
 from ..build.builder import Builder
 from ..build.sources import ChannelSource, GitSource, OfflineSource, PathSource, Source
 from ..store.activity import Activity, ActivityBoard, Snapshot, read_board
-from ..store.inventory import HeldImage, held_images, stored_bytes
+from ..store.inventory import HeldImage, blob_totals, held_images
 
 T = TypeVar("T")
 
@@ -221,7 +221,7 @@ def mount(app: QuartTrio, builder: Builder, package_set: str | None) -> None:
 
     async def read_store() -> Store:
         def read() -> Store:
-            return Store(held_images(root), stored_bytes(root))
+            return Store(held_images(root), blob_totals(root)[1])
 
         return await trio.to_thread.run_sync(read)
 

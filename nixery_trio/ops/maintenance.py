@@ -1,6 +1,6 @@
-"""Operator commands on a store: ``fsck`` checks it, ``gc`` shrinks it,
-``held_images`` (from ``store/inventory.py``, which the web page shares)
-lists the tags it holds (``nixery-trio ls``).
+"""Operator commands on a store: ``fsck`` checks it, ``gc`` shrinks it
+(``nixery-trio ls`` is ``store/inventory.py``'s ``held_images``, which the
+web page shares).
 
 **fsck** re-hashes every blob against its name, decompresses every cached
 layer to check its ``diff_id``, and checks every cache record: that it is
@@ -39,8 +39,6 @@ from ..core.errors import DigestInvalid
 from ..core.manifest import DOCUMENT_LIMIT, BlobRef, manifest_refs, parse_document
 from ..store.cache import MANIFEST_KEYS, LayerCache, ManifestCache, RecordIndex, TagCache
 from ..store.cas import CAS
-from ..store.inventory import HeldImage as HeldImage  # re-exported for `ls`
-from ..store.inventory import held_images as held_images
 
 #: The shortest grace period ``nixery-trio gc`` accepts: a server serves a
 #: manifest from memory for a while after checking it (and refreshing its

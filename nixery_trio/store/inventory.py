@@ -1,6 +1,7 @@
 """What a store holds: its tags with their sizes and dates (``nixery-trio ls``,
-the web page) and the bytes of all its blobs.  Blocking: read-only walks of
-the tag records and the blob folder, for a worker thread."""
+the web page), and its blobs and their bytes (the web page, ``/metrics``).
+Blocking: read-only walks of the tag records and the blob folder, for a
+worker thread."""
 
 from __future__ import annotations
 
@@ -59,17 +60,18 @@ def held_images(root: Path) -> list[HeldImage]:
     return sorted(held, key=lambda image: (image.name, image.tag))
 
 
-def stored_bytes(root: Path) -> int:
-    """The bytes of every blob in the store (one ``stat`` each)."""
-    total = 0
+def blob_totals(root: Path) -> tuple[int, int]:
+    """How many blobs the store holds, and their bytes (one ``stat`` each)."""
+    blobs = total = 0
     try:
         entries = os.scandir(CAS(root).blob_dir)
     except FileNotFoundError:
-        return 0
+        return 0, 0
     with entries:
         for entry in entries:
             try:
                 total += entry.stat(follow_symlinks=False).st_size
+                blobs += 1
             except FileNotFoundError:  # removed by gc meanwhile
                 continue
-    return total
+    return blobs, total

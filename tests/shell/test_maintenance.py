@@ -14,9 +14,10 @@ from nixery_trio.build import archive
 from nixery_trio.core.digest import sha256_digest
 from nixery_trio.core.image import Arch
 from nixery_trio.core.manifest import Format, LayerBlob, build_config, build_manifest
-from nixery_trio.ops.maintenance import fsck, gc, held_images, parse_size
+from nixery_trio.ops.maintenance import fsck, gc, parse_size
 from nixery_trio.store.cache import LayerCache, ManifestCache, TagCache
 from nixery_trio.store.cas import CAS
+from nixery_trio.store.inventory import held_images
 
 
 @dataclass
