@@ -14,60 +14,52 @@ error that names the package and the rule.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
+from fnmatch import fnmatchcase, translate
 
 from .errors import Denied
 
 
 @dataclass(frozen=True)
 class PackagePolicy:
-    """Glob patterns of the packages allowed (empty: all) and denied."""
+    """Glob patterns of the packages allowed (empty: all) and denied.
+
+    Each list is one regular expression, compiled once: a warm pull asks
+    for every package it names.
+    """
 
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
-    #: packages -> (package, pattern or None) of the first refused, or None
-    _checked: dict[tuple[str, ...], tuple[str, str | None] | None] = field(
-        default_factory=dict, compare=False, repr=False
-    )
+    _allowed: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+    _denied: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_allowed", _any_of(self.allow))
+        object.__setattr__(self, "_denied", _any_of(self.deny))
 
     @property
     def active(self) -> bool:
         return bool(self.allow or self.deny)
 
     def refusal(self, packages: tuple[str, ...]) -> Denied | None:
-        """The error for the first package of ``packages`` the lists keep out, if any.
-
-        A fresh error each time (a raised error keeps its traceback); the
-        verdict is remembered, since warm pulls ask again and again.
-        """
-        if not self.active:
-            return None
-        if packages in self._checked:
-            verdict = self._checked[packages]
-        else:
-            verdict = next(filter(None, map(self._verdict, packages)), None)
-            if len(self._checked) >= 4096:
-                self._checked.clear()
-            self._checked[packages] = verdict
-        if verdict is None:
-            return None
-        package, denied_by = verdict
-        if denied_by is not None:
-            return Denied(
-                f"package {package!r} is denied on this registry (matches {denied_by!r})",
-                {"package": package, "deny": denied_by},
-            )
-        return Denied(
-            f"package {package!r} is not in this registry's allow list",
-            {"package": package, "allow": list(self.allow)},
-        )
-
-    def _verdict(self, package: str) -> tuple[str, str | None] | None:
-        """``(package, deny pattern)``, ``(package, None)`` if not allowed, or ``None``."""
-        denied_by = next((p for p in self.deny if fnmatchcase(package, p)), None)
-        if denied_by is not None:
-            return package, denied_by
-        if self.allow and not any(fnmatchcase(package, p) for p in self.allow):
-            return package, None
+        """The error for the first package of ``packages`` the lists keep out, if
+        any (a fresh one each time: a raised error keeps its traceback)."""
+        for package in packages:
+            if self._denied is not None and self._denied.match(package):
+                denied_by = next(p for p in self.deny if fnmatchcase(package, p))
+                return Denied(
+                    f"package {package!r} is denied on this registry (matches {denied_by!r})",
+                    {"package": package, "deny": denied_by},
+                )
+            if self._allowed is not None and not self._allowed.match(package):
+                return Denied(
+                    f"package {package!r} is not in this registry's allow list",
+                    {"package": package, "allow": list(self.allow)},
+                )
         return None
+
+
+def _any_of(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
+    """One expression matching a whole name that any of the globs matches."""
+    return re.compile("|".join(map(translate, patterns))) if patterns else None
