@@ -58,8 +58,13 @@ def _missing(exc: ClientError) -> bool:
     return code in ("NoSuchKey", "404", "NotFound")
 
 
-def _failed(what: str, exc: Exception) -> StorageError:
-    return StorageError(f"S3 {what} failed: {exc}")
+@contextlib.contextmanager
+def _storage_errors(what: str) -> Iterator[None]:
+    """Any failure of S3 (or of reaching it) in the block, as a :class:`StorageError`."""
+    try:
+        yield
+    except (ClientError, BotoCoreError) as exc:
+        raise StorageError(f"S3 {what} failed: {exc}") from exc
 
 
 class S3Bucket:
@@ -138,30 +143,27 @@ class S3Bucket:
     def _conditionally(self, key: str, put: Callable[[], object]) -> bool:
         """Whether the conditional ``put`` of ``key`` wrote: ``False`` when its
         precondition failed, :class:`StorageError` when the store did."""
-        try:
-            put()
-        except ClientError as exc:
-            # 409: a conditional write racing another on the same key (AWS);
-            # 404: ``If-Match`` on a key that is gone (AWS; SeaweedFS says 412).
-            if _status(exc) in (412, 409) or _missing(exc):
-                return False
-            raise _failed(f"conditional put of {key}", exc) from exc
-        except BotoCoreError as exc:
-            raise _failed(f"conditional put of {key}", exc) from exc
+        with _storage_errors(f"conditional put of {key}"):
+            try:
+                put()
+            except ClientError as exc:
+                # 409: a conditional write racing another on the same key (AWS);
+                # 404: ``If-Match`` on a key that is gone (AWS; SeaweedFS says 412).
+                if _status(exc) in (412, 409) or _missing(exc):
+                    return False
+                raise
         return True
 
     def get(self, key: str) -> bytes | None:
         """The whole object, or ``None`` if there is none: for small records
         (manifests, index entries, leases) read in one go."""
-        try:
-            reply = self._client.get_object(Bucket=self.bucket, Key=key)
-            return reply["Body"].read()
-        except ClientError as exc:
-            if _missing(exc):
-                return None
-            raise _failed(f"get of {key}", exc) from exc
-        except BotoCoreError as exc:
-            raise _failed(f"get of {key}", exc) from exc
+        with _storage_errors(f"get of {key}"):
+            try:
+                return self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            except ClientError as exc:
+                if _missing(exc):
+                    return None
+                raise
 
     def get_range(self, key: str, first: int, last: int) -> bytes:
         """Bytes ``first`` to ``last`` (both included, as in HTTP's ``Range``).
@@ -170,29 +172,27 @@ class S3Bucket:
         range past the end raises :class:`RangeNotSatisfiable`; a missing
         object is a :class:`StorageError`, since the caller found it first.
         """
-        try:
-            reply = self._client.get_object(
-                Bucket=self.bucket, Key=key, Range=f"bytes={first}-{last}"
-            )
-            return reply["Body"].read()
-        except ClientError as exc:
-            if _status(exc) == 416:
-                raise RangeNotSatisfiable(f"bytes {first}-{last} are outside {key}") from exc
-            raise _failed(f"ranged get of {key}", exc) from exc
-        except BotoCoreError as exc:
-            raise _failed(f"ranged get of {key}", exc) from exc
+        with _storage_errors(f"ranged get of {key}"):
+            try:
+                reply = self._client.get_object(
+                    Bucket=self.bucket, Key=key, Range=f"bytes={first}-{last}"
+                )
+                return reply["Body"].read()
+            except ClientError as exc:
+                if _status(exc) == 416:
+                    raise RangeNotSatisfiable(f"bytes {first}-{last} are outside {key}") from exc
+                raise
 
     def stat(self, key: str) -> tuple[int, str] | None:
         """``(size, etag)`` of ``key``, or ``None``: whether a blob is there and how
         large (HEAD of a blob), and the ETag that :meth:`put_if_match` needs."""
-        try:
-            reply = self._client.head_object(Bucket=self.bucket, Key=key)
-        except ClientError as exc:
-            if _missing(exc):
-                return None
-            raise _failed(f"stat of {key}", exc) from exc
-        except BotoCoreError as exc:
-            raise _failed(f"stat of {key}", exc) from exc
+        with _storage_errors(f"stat of {key}"):
+            try:
+                reply = self._client.head_object(Bucket=self.bucket, Key=key)
+            except ClientError as exc:
+                if _missing(exc):
+                    return None
+                raise
         return reply["ContentLength"], reply["ETag"]
 
     def list(self, prefix: str) -> Iterator[str]:
@@ -201,19 +201,15 @@ class S3Bucket:
         pages = self._client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=prefix
         )
-        try:
+        with _storage_errors(f"list of {prefix!r}"):
             for page in pages:
                 for entry in page.get("Contents", []):
                     yield entry["Key"]
-        except (ClientError, BotoCoreError) as exc:
-            raise _failed(f"list of {prefix!r}", exc) from exc
 
     def delete(self, key: str) -> None:
         """Remove ``key`` (garbage collection, a released lease); no error if it is gone."""
-        try:
+        with _storage_errors(f"delete of {key}"):
             self._client.delete_object(Bucket=self.bucket, Key=key)
-        except (ClientError, BotoCoreError) as exc:
-            raise _failed(f"delete of {key}", exc) from exc
 
     def presigned_get(self, key: str, expires_seconds: int) -> str:
         """A URL that fetches ``key`` without credentials until ``expires_seconds``
@@ -274,7 +270,7 @@ class S3StreamWriter:
 
     def _send_part(self) -> None:
         """Send what the buffer holds as the next part, starting the upload if needed."""
-        try:
+        with _storage_errors(f"upload of a part of {self.key}"):
             if self._upload_id is None:
                 created = self._client.create_multipart_upload(
                     Bucket=self._bucket.bucket, Key=self.key
@@ -292,8 +288,6 @@ class S3StreamWriter:
                 PartNumber=number,
                 Body=self._body(),
             )
-        except (ClientError, BotoCoreError) as exc:
-            raise _failed(f"upload of a part of {self.key}", exc) from exc
         self._parts.append({"PartNumber": number, "ETag": sent["ETag"]})
         self._filled = 0
 
@@ -305,7 +299,7 @@ class S3StreamWriter:
         """
         if self.done:
             raise ValueError(f"{self.key} was already committed or aborted")
-        try:
+        with _storage_errors(f"commit of {self.key}"):
             if self._upload_id is None:
                 del self._part[self._filled :]
                 reply = self._client.put_object(
@@ -322,8 +316,6 @@ class S3StreamWriter:
                     MultipartUpload={"Parts": self._parts},
                 )
                 etag = completed["ETag"]
-        except (ClientError, BotoCoreError) as exc:
-            raise _failed(f"commit of {self.key}", exc) from exc
         self.done = True
         self._part = bytearray()
         return etag
@@ -337,12 +329,10 @@ class S3StreamWriter:
         self._part = bytearray()
         if self._upload_id is None:
             return
-        try:
+        with _storage_errors(f"abort of the upload of {self.key}"):
             self._client.abort_multipart_upload(
                 Bucket=self._bucket.bucket, Key=self.key, UploadId=self._upload_id
             )
-        except (ClientError, BotoCoreError) as exc:
-            raise _failed(f"abort of the upload of {self.key}", exc) from exc
 
 
 @contextlib.contextmanager
