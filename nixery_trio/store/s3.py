@@ -239,7 +239,6 @@ class S3StreamWriter:
         self._filled = 0
         self._upload_id: str | None = None
         self._parts: list[CompletedPartTypeDef] = []
-        self.size = 0
         self.done = False
 
     @property
@@ -260,7 +259,6 @@ class S3StreamWriter:
             view = view[len(chunk) :]
             if self._filled == len(self._part):
                 self._send_part()
-        self.size += len(data)
         return len(data)
 
     def _body(self) -> bytes:
