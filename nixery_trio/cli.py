@@ -39,7 +39,7 @@ from rich.table import Table
 from . import config as settings
 from . import logs, metrics
 from .build.builder import Builder
-from .build.sources import LATEST, PathSource
+from .build.sources import LATEST
 from .config import Config, make_config
 from .core.errors import ConfigError
 from .core.popularity import parse_popularity
@@ -341,10 +341,10 @@ def serve(**raw: Any) -> None:
         raise click.ClickException(str(exc)) from exc
     release_large_buffers()
     raise_open_files_limit()
-    if isinstance(config.source, PathSource):
-        # Hashed once here, the package set's file hashes are every worker's
-        # from the fork on: a first pull only stats the files.
-        logs.info("source.hashed", key=config.source.cache_key(LATEST))
+    # Asked once here, what the source caches to make its key (a local
+    # package set's file hashes) is every worker's from the fork on: a first
+    # pull only stats the files.
+    logs.info("source.key", key=config.source.cache_key(LATEST))
     with _metrics_directory() as directory:
         metrics.enable_multiprocess(directory)
         if config.workers > 1:

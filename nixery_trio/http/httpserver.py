@@ -398,6 +398,8 @@ class ZeroCopyTCPServer(TCPServer):
         sends: Sends | None = None,
     ) -> None:
         super().__init__(*args)
+        #: Whether the connection is TLS (decided once: every send asks).
+        self.tls = isinstance(self.stream, trio.SSLStream)
         self.sends = sends or Sends()
         self.send_timeout = send_timeout
         self.header_timeout = header_timeout
@@ -406,10 +408,6 @@ class ZeroCopyTCPServer(TCPServer):
         self._in_request = False
         #: Whether the header clock runs for the request being received.
         self._heading = True
-
-    @property
-    def tls(self) -> bool:
-        return isinstance(self.stream, trio.SSLStream)
 
     async def run(self) -> None:
         sock = _socket_of(self.stream)
