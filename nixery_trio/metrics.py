@@ -35,6 +35,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .core.routes import kind_of
 from .store.inventory import blob_totals
 
 #: Content type of the text format ``render`` writes.
@@ -162,16 +163,8 @@ class BuildObserver:
 def route_label(path: str) -> str:
     """The ``route`` label of a request path: a few values, never a name."""
     if path.startswith("/v2/"):
-        rest = path[4:]
-        if not rest:
-            return "base"
-        for marker, label in (("/manifests/", "manifest"), ("/blobs/", "blob"),
-                              ("/referrers/", "referrers")):  # fmt: skip
-            if marker in rest:
-                return label
-        if rest.endswith("/tags/list"):
-            return "tags"
-        return "catalog" if rest == "_catalog" else "other"
+        kind = kind_of(path[4:])
+        return "other" if kind is None else kind.value
     if path == "/v2":
         return "base"
     if path == "/metrics":

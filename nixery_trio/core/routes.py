@@ -59,6 +59,29 @@ class Route:
     by_digest: bool = False
 
 
+#: The endpoints under a repository name, as a path spells them.
+_ENDPOINTS = {"/manifests/": Kind.MANIFEST, "/blobs/": Kind.BLOB, "/referrers/": Kind.REFERRERS}
+
+
+def _endpoint(rest: str) -> tuple[int, Kind | None]:
+    """Where the last endpoint of ``rest`` starts, and which one (``-1, None``: none)."""
+    return max(((rest.rfind(marker), kind) for marker, kind in _ENDPOINTS.items()),
+               key=lambda found: found[0], default=(-1, None))  # fmt: skip
+
+
+def kind_of(rest: str) -> Kind | None:
+    """The kind of endpoint the path after ``/v2/`` asks for, without checking
+    its name or reference (``None``: none), e.g. for a metrics label."""
+    if rest == "":
+        return Kind.BASE
+    if rest == "_catalog":
+        return Kind.CATALOG
+    if rest.endswith("/tags/list"):
+        return Kind.TAGS
+    split, kind = _endpoint(rest)
+    return kind if split > 0 else None
+
+
 def parse_route(rest: str, raw_path: str = "") -> Route:
     """Parse the path after ``/v2/`` (decoded), given the raw request path too."""
     if _ENCODED_SEPARATOR.search(raw_path) or "\0" in rest:
@@ -71,7 +94,7 @@ def parse_route(rest: str, raw_path: str = "") -> Route:
         return Route(Kind.CATALOG)
     if rest.endswith("/tags/list"):
         return Route(Kind.TAGS, validate_name(rest.removesuffix("/tags/list")))
-    split = max(rest.rfind("/manifests/"), rest.rfind("/blobs/"), rest.rfind("/referrers/"))
+    split, _ = _endpoint(rest)
     if split <= 0:
         raise NotFound(f"/v2/{rest[:200]} is not an endpoint of this registry")
     name = rest[:split]
