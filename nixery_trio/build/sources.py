@@ -67,6 +67,11 @@ class Source(Protocol):
         """A short human description for logs."""
         ...
 
+    def facts(self, key: str | None) -> list[tuple[str, str]]:
+        """What the web page says of the source, as (what, value) pairs;
+        ``key`` is its :meth:`cache_key` for ``latest``."""
+        ...
+
     def tags(self) -> list[str] | None:
         """The image tags this source serves, or ``None`` if it cannot tell now.
 
@@ -90,6 +95,9 @@ class ChannelSource:
 
     def describe(self) -> str:
         return f"nixpkgs channel {self.name}"
+
+    def facts(self, key: str | None) -> list[tuple[str, str]]:
+        return [("nixpkgs channel", self.name)]
 
     def tags(self) -> list[str] | None:
         return [LATEST]
@@ -116,6 +124,13 @@ class GitSource:
 
     def describe(self) -> str:
         return f"git repository {self.url}"
+
+    def facts(self, key: str | None) -> list[tuple[str, str]]:
+        return [
+            ("git repository", self.url),
+            ("ref", "the image tag: latest is the default branch; "
+                    "otherwise a commit, branch or tag"),
+        ]  # fmt: skip
 
     def tags(self) -> list[str] | None:
         """``latest`` and the repository's branches and tags that are valid image tags."""
@@ -154,6 +169,10 @@ class PathSource:
 
     def describe(self) -> str:
         return f"local package set {self.path}"
+
+    def facts(self, key: str | None) -> list[tuple[str, str]]:
+        content = "(not hashed yet)" if key is None else key.removeprefix("path:")
+        return [("local package set", str(self.path)), ("content hash (blake3)", content)]
 
     def tags(self) -> list[str] | None:
         return [LATEST]
@@ -216,6 +235,9 @@ class OfflineSource:
 
     def describe(self) -> str:
         return "none: an offline mirror of its store"
+
+    def facts(self, key: str | None) -> list[tuple[str, str]]:
+        return [("none", "an offline mirror: it serves what its store holds and builds nothing")]
 
     def tags(self) -> list[str] | None:
         return None

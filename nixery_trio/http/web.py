@@ -41,7 +41,7 @@ from quart_trio import QuartTrio
 
 from .. import __version__
 from ..build.builder import Builder
-from ..build.sources import ChannelSource, GitSource, OfflineSource, PathSource, Source
+from ..build.sources import PathSource, Source
 from ..store.activity import Activity, ActivityBoard, Snapshot, read_board
 from ..store.inventory import HeldImage, blob_totals, held_images
 
@@ -79,25 +79,6 @@ def pull_host(host_header: str | None, server: tuple[str, int | None] | None) ->
         return "localhost"
     host = f"[{server[0]}]" if ":" in server[0] else server[0]
     return host if server[1] is None else f"{host}:{server[1]}"
-
-
-def source_facts(source: Source, key: str | None) -> list[tuple[str, str]]:
-    """What the page says of the package source, as (what, value) pairs;
-    ``key`` is a path source's cache key (its content hash)."""
-    if isinstance(source, ChannelSource):
-        return [("nixpkgs channel", source.name)]
-    if isinstance(source, GitSource):
-        return [
-            ("git repository", source.url),
-            ("ref", "the image tag: latest is the default branch; "
-                    "otherwise a commit, branch or tag"),
-        ]  # fmt: skip
-    if isinstance(source, PathSource):
-        content = "(not hashed yet)" if key is None else key.removeprefix("path:")
-        return [("local package set", str(source.path)), ("content hash (blake3)", content)]
-    if isinstance(source, OfflineSource):
-        return [("none", "an offline mirror: it serves what its store holds and builds nothing")]
-    return [("source", source.describe())]
 
 
 def megabytes(size: int) -> str:
@@ -166,7 +147,7 @@ def status_document(
     """What ``/status.json`` answers, and what the page is rendered from."""
     return {
         "registry": {"host": host, "version": __version__},
-        "source": {"description": source.describe(), "facts": source_facts(source, key)},
+        "source": {"description": source.describe(), "facts": source.facts(key)},
         "building": [a.public_json() for a in board.building],
         "built": [a.public_json() for a in board.built],
         "failed": [a.public_json() for a in board.failed],

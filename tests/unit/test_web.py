@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from nixery_trio.build.sources import ChannelSource, GitSource, OfflineSource, PathSource
-from nixery_trio.http.web import Store, pull_host, render_page, source_facts, status_document
+from nixery_trio.http.web import Store, pull_host, render_page, status_document
 from nixery_trio.store.activity import Activity, Snapshot
 from nixery_trio.store.inventory import HeldImage
 
@@ -78,14 +78,14 @@ def test_any_other_host_header_gives_the_bound_address(host: str | None) -> None
 
 
 def test_each_source_says_what_it_builds_from() -> None:
-    assert source_facts(ChannelSource("nixos-24.05"), None) == [
+    assert ChannelSource("nixos-24.05").facts(None) == [
         ("nixpkgs channel", "nixos-24.05")
     ]  # fmt: skip
-    git = dict(source_facts(GitSource("https://example.com/pkgs.git"), None))
+    git = dict(GitSource("https://example.com/pkgs.git").facts(None))
     assert git["git repository"] == "https://example.com/pkgs.git" and "image tag" in git["ref"]
-    path = dict(source_facts(PathSource(Path("/srv/pkgs")), "path:" + "c" * 64))
+    path = dict(PathSource(Path("/srv/pkgs")).facts("path:" + "c" * 64))
     assert path == {"local package set": "/srv/pkgs", "content hash (blake3)": "c" * 64}
-    assert "offline" in source_facts(OfflineSource(), None)[0][1]
+    assert "offline" in OfflineSource().facts(None)[0][1]
 
 
 def cells(document: str, section: str) -> list[list[str]]:
