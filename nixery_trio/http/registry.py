@@ -166,14 +166,16 @@ class FastLane:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        # Parsed once: the fast lane's route is also the requests' metrics label.
+        route = self._route(scope) if scope["method"] in ("GET", "HEAD") else None
         counted = _Counted(send)
         try:
-            await self._serve(scope, receive, counted)
+            await self._serve(route, scope, receive, counted)
         finally:
-            metrics.METRICS.request(metrics.route_label(scope["path"]), counted.status,
-                                    counted.sent)  # fmt: skip
+            label = metrics.route_label(scope["path"]) if route is None else route.kind.value
+            metrics.METRICS.request(label, counted.status, counted.sent)
 
-    async def _serve(self, scope: Any, receive: Any, send: Any) -> None:
+    async def _serve(self, route: Route | None, scope: Any, receive: Any, send: Any) -> None:
         user = None
         if self.auth is not None:
             try:
@@ -183,10 +185,8 @@ class FastLane:
                 return
         who = REQUESTER.set(requester(scope, user))
         try:
-            if scope["method"] in ("GET", "HEAD"):
-                route = self._route(scope)
-                if route is not None and await self._answer(route, scope, receive, send):
-                    return
+            if route is not None and await self._answer(route, scope, receive, send):
+                return
             await self.app(scope, receive, send)
         finally:
             REQUESTER.reset(who)
