@@ -38,10 +38,6 @@ class PackagePolicy:
         object.__setattr__(self, "_allowed", _any_of(self.allow))
         object.__setattr__(self, "_denied", _any_of(self.deny))
 
-    @property
-    def active(self) -> bool:
-        return bool(self.allow or self.deny)
-
     def refusal(self, packages: tuple[str, ...]) -> Denied | None:
         """The error for the first package of ``packages`` the lists keep out, if
         any (a fresh one each time: a raised error keeps its traceback)."""
