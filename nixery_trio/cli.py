@@ -46,8 +46,8 @@ from .core.popularity import parse_popularity
 from .http import httpserver, supervisor
 from .http.registry import create_app
 from .ops import bundle, maintenance, prefetch
-from .store.cas import CAS
 from .store.inventory import held_images
+from .store.storage import open_storage
 from .version import source_version
 
 
@@ -189,7 +189,7 @@ async def run_server(
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_drain_on_signal, shutdown, nursery.cancel_scope, worker)
-        builder = Builder(config, CAS(config.storage_path), popularity, nursery)
+        builder = Builder(config, open_storage(config.storage_path, config.s3), popularity, nursery)
         builder.progress_hooks.append(metrics.BuildObserver())
         metrics.ready()
         _log_store_opened(config, await trio.to_thread.run_sync(builder.open, not worker))
@@ -253,7 +253,7 @@ def run_workers(config: Config, popularity: dict[str, int]) -> int:
     SIGTERM.  Builds coordinate through the store (``locks.py``).
     """
     sockets = bind(config)
-    _log_store_opened(config, CAS(config.storage_path).open_store(clean=True))
+    _log_store_opened(config, open_storage(config.storage_path, config.s3).open_store(clean=True))
 
     def started(workers: list[int]) -> None:
         logs.info("server.started", listen=addresses(sockets, config), workers=workers,
@@ -314,9 +314,16 @@ def _config(command: str, raw: dict[str, Any]) -> Config:
 def _store(raw: dict[str, Any], *, must_exist: bool = True) -> Path:
     """The store's directory for the store commands (only import may make it)."""
     try:
-        storage = settings.storage_path(_load("store", raw).values)
+        values = _load("store", raw).values
+        storage = settings.storage_path(values)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+    if (values.get("storage_backend") or "filesystem") != "filesystem":
+        command = click.get_current_context().info_name
+        raise click.ClickException(
+            f"nixery-trio {command} works on the filesystem backend only; this store is "
+            f"{values.get('storage_backend')!r}"
+        )
     if must_exist and not storage.is_dir():
         raise click.ClickException(f"{storage} is not a directory")
     return storage
@@ -556,7 +563,8 @@ def settings_command(docs: bool, **raw: Any) -> None:
     loaded = _load("serve", raw)
     for name, value in loaded.values.items():
         if value is not None:
-            click.echo(f"{name} = {json.dumps(value)}  # {loaded.origins[name]}")
+            shown = '"(hidden)"' if settings.BY_NAME[name].secret else json.dumps(value)
+            click.echo(f"{name} = {shown}  # {loaded.origins[name]}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,22 @@ DEFAULT_NIX_DIR = Path(__file__).resolve().parent.parent / "nix"
 
 
 @dataclass(frozen=True)
+class S3Settings:
+    """Where the ``s3`` storage backend keeps the store, and how blobs are served."""
+
+    bucket: str
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    #: ``None``: boto3's own lookup (its config files, an instance role).
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    #: Send clients to the bucket with a presigned URL (307), or proxy blobs.
+    presigned_urls: bool = True
+    presign_seconds: int = 300
+    build_lease_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the server needs, validated."""
 
@@ -68,6 +84,8 @@ class Config:
     htpasswd: Path | None = None
     packages: PackagePolicy = field(default_factory=PackagePolicy)
     cold_builds_per_minute: int = 0
+    #: The S3 bucket of the ``s3`` storage backend; ``None``: the filesystem.
+    s3: S3Settings | None = None
 
     @property
     def deflate(self) -> Deflate:
@@ -106,6 +124,8 @@ class Setting:
     default: str | None = None
     kind: Kind = Kind.TEXT
     scope: Scope = Scope.BUILD
+    #: Never printed by ``nixery-trio settings``.
+    secret: bool = False
 
     @property
     def flag(self) -> str:
@@ -113,10 +133,35 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("storage_path", "STORAGE_PATH", "Directory of the blob store and caches.",
+    Setting("storage_path", "STORAGE_PATH",
+            "Directory of the blob store and caches; with the s3 backend, of this server's own "
+            "lock files and state (blobs and caches are in the bucket).", scope=Scope.STORE),
+    Setting("storage_backend", "NIXERY_STORAGE_BACKEND",
+            "Where blobs and caches are kept: filesystem (under STORAGE_PATH) or s3 (in "
+            "S3_BUCKET, shared by every replica; docs/storage.md).", "filesystem",
             scope=Scope.STORE),
-    Setting("storage_backend", "NIXERY_STORAGE_BACKEND", "Storage backend; only 'filesystem'.",
-            "filesystem", scope=Scope.STORE),
+    Setting("s3_bucket", "S3_BUCKET", "The bucket of the s3 backend.", scope=Scope.STORE),
+    Setting("s3_endpoint", "AWS_ENDPOINT_URL",
+            "URL of an S3-compatible service (SeaweedFS, Ceph RGW, MinIO, GCS's XML API); "
+            "default: AWS.", scope=Scope.STORE),
+    Setting("s3_region", "AWS_REGION", "Region of the bucket.", "us-east-1",
+            scope=Scope.STORE),
+    Setting("s3_access_key_id", "AWS_ACCESS_KEY_ID",
+            "Access key of the s3 backend (default: boto3's own lookup: ~/.aws, an instance "
+            "role).", scope=Scope.STORE),
+    Setting("s3_secret_access_key", "AWS_SECRET_ACCESS_KEY",
+            "Secret key of the s3 backend; better in the environment or the config file than "
+            "as a flag.", scope=Scope.STORE, secret=True),
+    Setting("s3_use_presigned_urls", "S3_USE_PRESIGNED_URLS",
+            "Answer a blob GET with a 307 redirect to a presigned bucket URL (1), or send the "
+            "bytes through the registry (0), for clients that cannot reach the bucket.", "1",
+            Kind.SWITCH, Scope.SERVE),
+    Setting("s3_presign_seconds", "NIXERY_S3_PRESIGN_SECONDS",
+            "Seconds a presigned blob URL stays valid.", "300", Kind.INT, Scope.SERVE),
+    Setting("build_lease_seconds", "NIXERY_BUILD_LEASE_SECONDS",
+            "s3 backend: seconds a replica's build lease on an image lasts unless renewed; a "
+            "replica that died mid-build is taken over after this.", "30", Kind.SECONDS,
+            Scope.BUILD),
     Setting("channel", "NIXERY_CHANNEL", "nixpkgs channel name or commit, fetched as a tarball."),
     Setting("pkgs_repo", "NIXERY_PKGS_REPO",
             "Git URL of the package set; the image tag is the ref (40 hex: a commit, latest: "
@@ -348,9 +393,6 @@ def storage_path(values: Mapping[str, str | None]) -> Path:
             "STORAGE_PATH must be set (--storage-path, the variable, or storage_path in the "
             "config file)"
         )
-    backend = values.get("storage_backend") or "filesystem"
-    if backend != "filesystem":
-        raise ConfigError(f"NIXERY_STORAGE_BACKEND {backend!r} is not supported; use filesystem")
     return Path(raw).resolve()
 
 
@@ -392,6 +434,31 @@ class _Values:
         if not 0 < value < math.inf:
             raise self.error(name, f"must be a positive number of seconds, got {raw!r}")
         return value
+
+    def s3(self) -> S3Settings | None:
+        """The bucket of the ``s3`` backend, or ``None`` for the filesystem."""
+        backend = self.text("storage_backend") or "filesystem"
+        if backend == "filesystem":
+            return None
+        if backend != "s3":
+            raise self.error("storage_backend", f"must be filesystem or s3, got {backend!r}")
+        bucket = self.text("s3_bucket")
+        if not bucket:
+            raise self.error("s3_bucket", "must be set for the s3 storage backend")
+        endpoint = self.text("s3_endpoint")
+        if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+            raise self.error("s3_endpoint", f"must be an http:// or https:// URL, got {endpoint!r}")
+        key_id, secret = self.text("s3_access_key_id"), self.text("s3_secret_access_key")
+        if (key_id is None) != (secret is None):
+            raise self.error("s3_secret_access_key" if secret is None else "s3_access_key_id",
+                             "is needed too: give both keys, or neither")  # fmt: skip
+        return S3Settings(
+            bucket=bucket, endpoint_url=endpoint, region=self.text("s3_region") or "us-east-1",
+            access_key_id=key_id, secret_access_key=secret,
+            presigned_urls=self.switch("s3_use_presigned_urls"),
+            presign_seconds=self.integer("s3_presign_seconds", 1, 7 * 24 * 3600),
+            build_lease_seconds=self.seconds("build_lease_seconds"),
+        )  # fmt: skip
 
     def platforms(self) -> tuple[Arch, ...]:
         platforms: list[Arch] = []
@@ -527,4 +594,5 @@ def make_config(
         htpasswd=v.htpasswd(),
         packages=PackagePolicy(v.patterns("allow_packages"), v.patterns("deny_packages")),
         cold_builds_per_minute=v.integer("cold_builds_per_minute", 0, 1_000_000),
+        s3=v.s3(),
     )

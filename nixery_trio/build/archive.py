@@ -89,7 +89,7 @@ from typing import Protocol
 import zstandard
 from isal import isal_zlib
 
-from ..store.cas import CAS
+from ..store.storage import Storage
 from ..core.manifest import LayerBlob
 from ..core.rootfs import root_entries
 
@@ -636,14 +636,14 @@ def write_layer_to(
 
 
 def write_layer(
-    cas: CAS,
+    cas: Storage,
     entries: Iterable[Entry],
     level: int | None = None,
     *,
     deflate: Deflate | None = None,
     compression: str = "gzip",
 ) -> LayerBlob:
-    """Stream ``entries`` as a compressed tar into the CAS; return the blob.
+    """Stream ``entries`` as a compressed tar into the store; return the blob.
 
     ``deflate`` says how to compress; ``level`` alone means the default
     engine at that level, on one thread.  ``compression`` is ``gzip`` or

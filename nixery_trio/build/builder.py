@@ -53,7 +53,7 @@ from . import archive, nix
 
 from .. import logs, metrics
 from ..store.cache import MANIFEST_KEYS, LayerCache, ManifestCache, RecordIndex, TagCache
-from ..store.cas import CAS
+from ..store.storage import Storage
 from ..config import Config
 from ..core.digest import sha256_digest
 from ..core.errors import ManifestUnknown, RegistryError, TooManyRequests
@@ -96,8 +96,6 @@ Entries = Callable[[], Iterable[archive.Entry]]
 #: config), part of every image key: a server that adds something new builds
 #: anew rather than serve images made without it.
 IMAGE_LAYOUT = 2
-#: Seconds between two refreshes of a manifest's "last used" time.
-TOUCH_INTERVAL = 60
 #: Seconds a checked manifest is served from memory, and how many are kept.
 RECENT_SECONDS = 30
 RECENT_ENTRIES = 1024
@@ -355,20 +353,20 @@ class RecentManifests(Generic[V]):
 
 
 class Builder:
-    """Turns image names into manifests whose blobs are all in the CAS."""
+    """Turns image names into manifests whose blobs are all in the store."""
 
     def __init__(
         self,
         config: Config,
-        cas: CAS,
+        store: Storage,
         popularity: dict[str, int],
         nursery: trio.Nursery,
     ) -> None:
         self.config = config
-        self.cas = cas
-        self.layer_cache = LayerCache(config.storage_path, cas)
-        self.manifest_cache = ManifestCache(config.storage_path, cas)
-        self.tag_cache = TagCache(config.storage_path, cas)
+        self.store = store
+        self.layer_cache = LayerCache(store)
+        self.manifest_cache = ManifestCache(store)
+        self.tag_cache = TagCache(store)
         self.popularity = popularity
         self._nursery = nursery
         #: What this process last recorded per name:tag (see _record_tag).
@@ -420,7 +418,7 @@ class Builder:
         leftovers (blocking); return what ``CAS.open_store`` did.  Workers pass
         False: their parent did both before it forked them.
         """
-        removed = self.cas.open_store(clean=clean)
+        removed = self.store.open_store(clean=clean)
         self.layer_cache.index.open_index()
         self.manifest_cache.index.open_index()
         self.tag_cache.index.open_index()
@@ -556,7 +554,7 @@ class Builder:
 
     def _load_tag(self, name: str, tag: str) -> ImageManifests | None:
         """The documents the tag record names, checked as a cached manifest is."""
-        with self.cas.lock.held():
+        with self.store.lock.held():
             record = self.tag_cache.get(name, tag)
             if record is None:
                 return None
@@ -612,8 +610,8 @@ class Builder:
         return indexes
 
     def _store_documents(self, documents: list[bytes]) -> list[str]:
-        with self.cas.lock.held():
-            return self.cas.put_many(documents)
+        with self.store.lock.held():
+            return self.store.put_many(documents)
 
     async def _image_manifests(self, image: Image) -> ImageManifests:
         """The manifests of one platform's image, building it when needed."""
@@ -813,7 +811,7 @@ class Builder:
         removed, gets it again from the Docker one (the same blobs).  A zstd
         image's record names its OCI manifest only.
         """
-        with self.cas.lock.held():
+        with self.store.lock.held():
             digests = self.manifest_cache.get(image_key)
             if digests is None:
                 return None
@@ -827,32 +825,29 @@ class Builder:
                 data = convert_manifest(docker.data, Format.OCI)
                 if data is None:
                     return None
-                oci = Manifest(data, self.cas.put_bytes(data), OCI_MANIFEST)
+                oci = Manifest(data, self.store.put_bytes(data), OCI_MANIFEST)
                 digests = {Format.DOCKER: docker.digest, Format.OCI: oci.digest}
                 self.manifest_cache.put(image_key, digests, name)
             return ImageManifests({Format.DOCKER: docker, Format.OCI: oci})
 
     def _locked_manifest(self, digest: str) -> Manifest | None:
-        with self.cas.lock.held():
+        with self.store.lock.held():
             return self._load_manifest(digest)
 
     def _load_manifest(self, digest: str) -> Manifest | None:
         """Read a manifest, check its blobs are all stored, and mark it used.
 
-        The mark (the file's mtime, refreshed at most once a minute) is what
+        The mark (on the filesystem, the file's mtime, refreshed at most once a minute) is what
         ``gc`` reads as "last used": it never removes a manifest, or a blob
         one names, that was used within its grace period.
         """
-        data = self.cas.read_bytes(digest, DOCUMENT_LIMIT)
+        data = self.store.read_bytes(digest, DOCUMENT_LIMIT)
         document = None if data is None else parse_document(data)
         if data is None or document is None:
             return None
-        if any(self.cas.size(r.digest) != r.size for r in document.refs):
+        if any(self.store.size(r.digest) != r.size for r in document.refs):
             return None
-        path = self.cas.path(digest)
-        with contextlib.suppress(OSError):
-            if time.time() - path.stat().st_mtime > TOUCH_INTERVAL:
-                os.utime(path)
+        self.store.used(digest)
         return Manifest(data=data, digest=digest, media_type=document.media_type)
 
     async def _charge_cold_build(self, image: Image) -> None:
@@ -1013,7 +1008,7 @@ class Builder:
         layered = time.monotonic()
         keys = [_layer_key(image, layer) for layer in layers]
         keys.append(_forest_key(image, result.forest))
-        lock = self.cas.lock.acquire()
+        lock = self.store.lock.acquire()
         try:
             found = [self.layer_cache.get(key) for key in keys]
         except BaseException:
@@ -1046,7 +1041,7 @@ class Builder:
             for fmt in Format
             if fmt.holds(image.compression)
         }  # fmt: skip
-        _, *stored = self.cas.put_many([config, *documents.values()])
+        _, *stored = self.store.put_many([config, *documents.values()])
         digests = dict(zip(documents, stored, strict=True))
         if image_key is not None:
             self.manifest_cache.put(image_key, digests, image.name)
@@ -1067,7 +1062,7 @@ class Builder:
     async def _write_new_layer(self, image: Image, key: str, entries: Entries) -> LayerBlob:
         started = time.monotonic()
         blob = await trio.to_thread.run_sync(
-            partial(archive.write_layer, self.cas, entries(), deflate=self.config.deflate,
+            partial(archive.write_layer, self.store, entries(), deflate=self.config.deflate,
                     compression=image.compression),
             limiter=self._threads,
         )

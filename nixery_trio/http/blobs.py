@@ -1,6 +1,6 @@
-"""Serving blobs from the CAS: whole, as one byte range, or just the headers.
+"""Serving blobs: whole, as one byte range, or just the headers.
 
-Two ways to send the bytes, chosen per request:
+From the filesystem store, two ways to send the bytes, chosen per request:
 
 * **sendfile** (:func:`send_blob`), when the server offers the ASGI
   ``http.response.zerocopysend`` extension (our Hypercorn, HTTP/1.1, see
@@ -14,6 +14,12 @@ Two ways to send the bytes, chosen per request:
 
 Either way the file is opened when the body starts and closed when it ends
 or the client goes away, so a dropped download frees its descriptor at once.
+
+From an S3 bucket (:func:`send_bucket_blob`), a GET is a ``307`` to a
+presigned URL of the blob (the client sends its ``Range`` there), so the
+bytes go from the bucket to the client; with presigning off, the registry
+reads the blob from the bucket a chunk at a time and sends it on.  A HEAD is
+answered by the registry either way, from the blob's size.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from quart.wrappers.response import ResponseBody
 from ..core.errors import BlobUnknown
 from ..core.httprange import parse_range
 from ..store.cas import CAS
+from ..store.s3store import S3Store
 from . import pagecache
 from .httpserver import ZEROCOPYSEND
 
@@ -124,6 +131,52 @@ async def send_blob(
             offset += count
     finally:
         os.close(fd)
+
+
+async def send_bucket_blob(
+    store: S3Store,
+    digest: str,
+    head: bool,
+    range_header: str | None,
+    send: Callable[[dict[str, Any]], Awaitable[None]],
+    extra_headers: list[tuple[bytes, bytes]],
+    presign_seconds: int | None,
+) -> None:
+    """Answer a blob request from the bucket on ASGI ``send``: a redirect to a
+    URL valid for ``presign_seconds``, or (``None``) the bytes, proxied.
+
+    Raises a :class:`~nixery_trio.core.errors.RegistryError` (unknown blob, bad
+    range) before anything is sent.
+    """
+    size = store.known_size(digest)
+    if size is None:
+        size = await trio.to_thread.run_sync(store.size, digest)
+    if size is None:
+        raise _unknown(digest)
+    if presign_seconds is not None and not head:
+        url = await trio.to_thread.run_sync(store.presigned, digest, presign_seconds)
+        headers = [(b"Location", url.encode()), (b"Docker-Content-Digest", digest.encode()),
+                   (b"Content-Length", b"0")]  # fmt: skip
+        await send({"type": "http.response.start", "status": 307,
+                    "headers": headers + extra_headers})  # fmt: skip
+        await send({"type": "http.response.body", "body": b""})
+        return
+    reply = plan_reply(digest, size, range_header)
+    headers = [(k.encode(), v.encode()) for k, v in reply.headers] + extra_headers
+    if head or reply.length == 0:
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    chunks = store.chunks(digest, reply.first, reply.first + reply.length - 1)
+    try:
+        chunk = await trio.to_thread.run_sync(next, chunks, b"")
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        while chunk:
+            following = await trio.to_thread.run_sync(next, chunks, b"")
+            await send({"type": "http.response.body", "body": chunk, "more_body": bool(following)})
+            chunk = following
+    finally:
+        await trio.to_thread.run_sync(chunks.close)
 
 
 class BlobBody(ResponseBody):

@@ -53,10 +53,12 @@ from ..core.errors import (
 )
 from ..core.manifest import OCI_INDEX, acceptable
 from ..core.routes import Kind, Route, page, parse_route
+from ..store.cas import CAS
+from ..store.s3store import S3Store
 from ..version import source_version
 from . import web
 from .access import BasicAuth, requester
-from .blobs import blob_response, send_blob
+from .blobs import blob_response, send_blob, send_bucket_blob
 from .httpserver import ZEROCOPYSEND
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
@@ -156,6 +158,8 @@ class FastLane:
         htpasswd = builder.config.htpasswd
         self.auth = BasicAuth(htpasswd) if htpasswd is not None else None
         self.sendfile = builder.config.blob_sendfile
+        s3 = builder.config.s3
+        self.presign_seconds = s3.presign_seconds if s3 and s3.presigned_urls else None
         self.package_set = package_set_path(builder)
         self._common = [
             (API_VERSION_HEADER[0].encode(), API_VERSION_HEADER[1].encode()),
@@ -194,11 +198,20 @@ class FastLane:
     async def _answer(self, route: Route, scope: Any, receive: Any, send: Any) -> bool:
         head = scope["method"] == "HEAD"
         if route.kind is Kind.BLOB:
+            range_header = _header(scope, b"range")
+            store = self.builder.store
+            if isinstance(store, S3Store):
+                try:
+                    await send_bucket_blob(store, route.reference, head, range_header, send,
+                                           self._common, self.presign_seconds)  # fmt: skip
+                except RegistryError as exc:
+                    await self._send_error(exc, send)
+                return True
+            assert isinstance(store, CAS)
             if not self.sendfile or ZEROCOPYSEND not in scope["extensions"]:
                 return False
-            range_header = _header(scope, b"range")
             try:
-                await send_blob(self.builder.cas, route.reference, head, range_header, send,
+                await send_blob(store, route.reference, head, range_header, send,
                                 self._common)  # fmt: skip
             except RegistryError:
                 return False  # nothing sent yet: Quart answers the error
@@ -372,7 +385,9 @@ def create_app(builder: Builder) -> FastLane:
             return _referrers(request.args.get("artifactType"))
         if route.kind is Kind.BLOB:
             range_header = request.headers.get("Range")
-            return await blob_response(builder.cas, route.reference, head, range_header)
+            # FastLane answers every blob GET and HEAD of a bucket itself.
+            assert isinstance(builder.store, CAS), "bucket blobs are FastLane's"
+            return await blob_response(builder.store, route.reference, head, range_header)
         found: ImageManifests | Manifest
         if route.by_digest:
             found = await builder.manifest_for_digest(route.reference)

@@ -100,7 +100,7 @@ def export(
     cas = CAS(root)
     # Shared, as a build holds it: gc cannot remove what is being exported.
     with cas.lock.held():
-        return _export(cas, TagCache(root, cas), out, list(names), since)
+        return _export(cas, TagCache(cas), out, list(names), since)
 
 
 def _export(
@@ -266,7 +266,7 @@ def import_bundles(root: Path, paths: list[Path]) -> Imported:
     """
     cas = CAS(root)
     cas.open_store(clean=True)  # counts as a server: nobody clears our temporary files
-    tags = TagCache(root, cas)
+    tags = TagCache(cas)
     tags.index.open_index()
     staged: dict[str, Path] = {}
     try:

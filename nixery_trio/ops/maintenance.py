@@ -26,9 +26,10 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import zstandard
@@ -132,13 +133,12 @@ def _zstd_diff_id(path: Path) -> str | None:
 class _Store:
     def __init__(self, root: Path) -> None:
         self.cas = CAS(root)
-        self.layers = LayerCache(root, self.cas)
-        self.manifests = ManifestCache(root, self.cas)
-        self.tags = TagCache(root, self.cas)
-        for directory in (self.cas.blob_dir, self.layers.index.directory,
-                          self.manifests.index.directory, self.tags.index.directory,
-                          self.cas.tmp_dir):  # fmt: skip
-            directory.mkdir(parents=True, exist_ok=True)
+        self.layers = LayerCache(self.cas)
+        self.manifests = ManifestCache(self.cas)
+        self.tags = TagCache(self.cas)
+        self.cas.open_store(clean=False)
+        for cache in (self.layers, self.manifests, self.tags):
+            cache.index.open_index()
 
     def blobs(self) -> Iterator[tuple[str, os.stat_result]]:
         for entry in os.scandir(self.cas.blob_dir):
@@ -150,15 +150,15 @@ def fsck(root: Path, repair: bool = False) -> list[Finding]:
     store = _Store(root)
     findings: list[Finding] = []
 
-    def found(kind: str, name: str, problem: str, path: Path) -> None:
+    def found(kind: str, name: str, problem: str, remove: Callable[[], None]) -> None:
         if repair:
-            path.unlink(missing_ok=True)
+            remove()
         findings.append(Finding(kind, name, problem, repair))
 
     now = time.time()
     for entry in os.scandir(store.cas.tmp_dir):
         if now - entry.stat().st_mtime > STALE_TMP_SECONDS:
-            found("tmp", entry.name, "stale temporary file", Path(entry.path))
+            found("tmp", entry.name, "stale temporary file", Path(entry.path).unlink)
 
     good: set[str] = set()
     for name, _ in store.blobs():
@@ -166,30 +166,33 @@ def fsck(root: Path, repair: bool = False) -> list[Finding]:
         try:
             digest = parse_digest("sha256:" + name)
         except DigestInvalid:
-            found("blob", name, "file name is not a sha256 digest", path)
+            found("blob", name, "file name is not a sha256 digest", path.unlink)
             continue
         actual = _sha256_file(path)
         if actual != digest:
-            found("blob", digest, f"content hashes to {actual}", path)
+            found("blob", digest, f"content hashes to {actual}", path.unlink)
         else:
             good.add(digest)
 
     diff_ids: dict[str, str | None] = {}
-    for path, record in store.layers.index.scan():
+    for name, record in store.layers.index.scan():
         problem = _layer_problem(store, record, good, diff_ids)
         if problem:
-            found("layer-record", path.name, problem, path)
+            found("layer-record", name, problem,
+                  partial(store.layers.index.files.remove, name))
 
-    for path, record in store.manifests.index.scan():
+    for name, record in store.manifests.index.scan():
         problem = _manifest_problem(store, record, good)
         if problem:
-            found("manifest-record", path.name, problem, path)
+            found("manifest-record", name, problem,
+                  partial(store.manifests.index.files.remove, name))
 
     # A tag record names documents as a manifest record does (indexes too).
-    for path, record in store.tags.index.scan():
+    for name, record in store.tags.index.scan():
         problem = _manifest_problem(store, record, good)
         if problem:
-            found("tag-record", path.name, problem, path)
+            found("tag-record", name, problem,
+                  partial(store.tags.index.files.remove, name))
     return findings
 
 
@@ -287,26 +290,27 @@ def gc(root: Path, max_size: int, grace: float = 900, now: float | None = None) 
             if now - last_used[digest] < grace:
                 report.kept_recent = sum(1 for d in order if now - last_used[d] < grace)
                 break
-            for record in records.get(digest, []):
-                record.unlink(missing_ok=True)
+            for remove in records.get(digest, []):
+                remove()
                 report.records_removed += 1
-            store.cas.path(digest).unlink(missing_ok=True)
+            store.cas.delete(digest)
             report.removed.append(digest)
             report.size_after -= sizes[digest]
     return report
 
 
-def _records_by_digest(store: _Store) -> dict[str, list[Path]]:
-    by_digest: dict[str, list[Path]] = {}
+def _records_by_digest(store: _Store) -> dict[str, list[Callable[[], None]]]:
+    """What removes each record that names a digest, by digest."""
+    by_digest: dict[str, list[Callable[[], None]]] = {}
     index: RecordIndex
     for index in (store.layers.index, store.manifests.index, store.tags.index):
-        for path, record in index.scan():
+        for name, record in index.scan():
             # A layer record's blob ("digest"), or any document a manifest or
             # tag record names.
             for key in MANIFEST_KEYS.values():
                 digest = None if record is None else record.get(key)
                 if isinstance(digest, str):
-                    by_digest.setdefault(digest, []).append(path)
+                    by_digest.setdefault(digest, []).append(partial(index.files.remove, name))
     return by_digest
 
 

@@ -29,7 +29,7 @@ from ..config import Config
 from ..core.errors import RegistryError
 from ..core.image import validate_name
 from ..core.manifest import Format
-from ..store.cas import CAS
+from ..store.storage import open_storage
 
 #: Seconds between two redraws of the progress table.
 REFRESH_SECONDS = 0.25
@@ -87,7 +87,7 @@ async def prefetch(
             result.platforms[progress.platform] = progress
 
     async with trio.open_nursery() as nursery:
-        builder = Builder(config, CAS(config.storage_path), popularity, nursery)
+        builder = Builder(config, open_storage(config.storage_path, config.s3), popularity, nursery)
         await trio.to_thread.run_sync(builder.open)
         builder.progress_hooks.append(watch)
         with Live(_table(results), console=console, auto_refresh=False,

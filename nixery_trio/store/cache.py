@@ -1,6 +1,7 @@
-"""Layer and manifest caches: msgpack records on disk that point into the CAS.
+"""Layer and manifest caches: msgpack records in the store that point at its blobs.
 
-Each cache is a directory of small records, one per key, named by a blake3
+Each cache is a namespace of small records in the store (a directory on
+the filesystem, a key prefix in a bucket), one per key, named by a blake3
 of the key::
 
     index/layers/<blake3(layer key)>       {digest, diff_id, size}
@@ -8,8 +9,9 @@ of the key::
     index/tags/<blake3(name:tag)>          {digest, oci, name, tag, index, platforms, at}
 
 A record is ``blake3(payload) || payload`` with ``payload`` a msgpack map
-that repeats its own key.  It is written to a temporary file and renamed,
-so a reader sees a whole record or none; a record whose checksum or key does
+that repeats its own key.  The store replaces a record whole (a file
+renamed into place, an object put), so a reader sees a whole record or
+none; a record whose checksum or key does
 not match (a torn or foreign write) is ignored and removed.  A record is
 only trusted while the blobs it names are in the CAS with the right size, so
 a cache never hands out a blob that is not there.
@@ -22,74 +24,65 @@ fsync in every cold build.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import blake3
 import msgpack
 
-from ..core.errors import StorageError
 from ..core.manifest import Format, LayerBlob
-from .cas import CAS, replace_file
+from .storage import RecordFiles, Storage
 
 _CHECKSUM = 32
 
 
 class RecordIndex:
-    """Checksummed msgpack records in one directory, keyed by strings."""
+    """Checksummed msgpack records in one namespace of a store, keyed by strings."""
 
-    def __init__(self, directory: Path, tmp_dir: Path) -> None:
-        self.directory = directory
-        self.tmp_dir = tmp_dir
+    def __init__(self, files: RecordFiles) -> None:
+        self.files = files
 
     def open_index(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.files.open_files()
 
-    def _path(self, key: str) -> Path:
-        return self.directory / blake3.blake3(key.encode()).hexdigest()
+    @staticmethod
+    def name(key: str) -> str:
+        """The record name of ``key``: the blake3 of it, in hex."""
+        return blake3.blake3(key.encode()).hexdigest()
 
     def may_have(self, key: str) -> bool:
-        """Whether a record file for ``key`` exists (one ``stat``; ``get`` checks it)."""
-        return self._path(key).exists()
+        """Whether a record for ``key`` may exist (a ``stat`` on disk; ``get`` checks it)."""
+        return self.files.may_have(self.name(key))
 
     def get(self, key: str) -> dict[str, Any] | None:
-        path = self._path(key)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
+        raw = self.files.read(self.name(key))
+        if raw is None:
             return None
         record = decode_record(raw)
         if record is None or record.get("key") != key:
-            path.unlink(missing_ok=True)
+            self.files.remove(self.name(key))
             return None
         return record
 
     def put(self, key: str, value: dict[str, Any]) -> None:
         payload = msgpack.packb({**value, "key": key}, use_bin_type=True)
-        data = blake3.blake3(payload).digest() + payload
-        try:
-            replace_file(self.tmp_dir, self._path(key), data, ".rec")
-        except OSError as exc:
-            raise StorageError(f"cannot write a cache record in {self.directory}: {exc}") from exc
+        self.files.write(self.name(key), blake3.blake3(payload).digest() + payload)
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        self.files.remove(self.name(key))
 
-    def scan(self) -> Iterator[tuple[Path, dict[str, Any] | None]]:
-        """Every record file with its map, or ``None`` if torn or misnamed."""
-        for entry in sorted(os.scandir(self.directory), key=lambda e: e.name):
-            path = Path(entry.path)
-            try:
-                record = decode_record(path.read_bytes())
-            except OSError:
+    def scan(self) -> Iterator[tuple[str, dict[str, Any] | None]]:
+        """Every record's name with its map, or ``None`` if torn or misnamed."""
+        for name in self.files.names():
+            raw = self.files.read(name)
+            if raw is None:  # removed meanwhile
                 continue
+            record = decode_record(raw)
             key = None if record is None else record.get("key")
-            if not isinstance(key, str) or path != self._path(key):
+            if not isinstance(key, str) or name != self.name(key):
                 record = None
-            yield path, record
+            yield name, record
 
 
 def decode_record(raw: bytes) -> dict[str, Any] | None:
@@ -107,8 +100,8 @@ def decode_record(raw: bytes) -> dict[str, Any] | None:
 class LayerCache:
     """Layer key (blake3 of its store paths) to the layer's blob."""
 
-    def __init__(self, root: Path, cas: CAS) -> None:
-        self.index = RecordIndex(root / "index" / "layers", cas.tmp_dir)
+    def __init__(self, cas: Storage) -> None:
+        self.index = RecordIndex(cas.records("layers"))
         self.cas = cas
 
     def get(self, layer_key: str) -> LayerBlob | None:
@@ -147,8 +140,8 @@ class ManifestCache:
     a zstd image's names its OCI one only.
     """
 
-    def __init__(self, root: Path, cas: CAS) -> None:
-        self.index = RecordIndex(root / "index" / "manifests", cas.tmp_dir)
+    def __init__(self, cas: Storage) -> None:
+        self.index = RecordIndex(cas.records("manifests"))
         self.cas = cas
 
     def get(self, image_key: str) -> dict[Format, str] | None:
@@ -192,8 +185,8 @@ class TagCache:
     for the tag (a rebuild with the same result keeps it).
     """
 
-    def __init__(self, root: Path, cas: CAS) -> None:
-        self.index = RecordIndex(root / "index" / "tags", cas.tmp_dir)
+    def __init__(self, cas: Storage) -> None:
+        self.index = RecordIndex(cas.records("tags"))
         self.cas = cas
 
     @staticmethod

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 from ..core.digest import digest_hex, parse_digest, sha256_digest
-from ..core.errors import StorageError
+from ..core.errors import BlobUnknown, RangeNotSatisfiable, StorageError
 
 T = TypeVar("T")
 
@@ -44,6 +44,9 @@ SERVING_WAIT = 3.0
 #: Bytes written between two background ``fdatasync`` calls of a blob
 #: being written (one at a time; a blob smaller than this never starts one).
 WRITEBACK_BYTES = 16 << 20
+#: Seconds between two refreshes of a served manifest's modification time,
+#: which gc reads as its last use.
+TOUCH_INTERVAL = 60
 
 
 def recreating(directory: Path, action: Callable[[], T]) -> T:
@@ -157,8 +160,47 @@ class BlobWriter:
         return writeback
 
 
+class DirectoryRecords:
+    """A record namespace as a directory of files, each replaced by a rename."""
+
+    def __init__(self, directory: Path, tmp_dir: Path) -> None:
+        self.directory = directory
+        self.tmp_dir = tmp_dir
+
+    def open_files(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            return (self.directory / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write(self, name: str, data: bytes) -> None:
+        try:
+            replace_file(self.tmp_dir, self.directory / name, data, ".rec")
+        except OSError as exc:
+            raise StorageError(f"cannot write a record in {self.directory}: {exc}") from exc
+
+    def remove(self, name: str) -> None:
+        (self.directory / name).unlink(missing_ok=True)
+
+    def may_have(self, name: str) -> bool:
+        return (self.directory / name).exists()
+
+    def names(self) -> Iterator[str]:
+        try:
+            entries = sorted(entry.name for entry in os.scandir(self.directory))
+        except FileNotFoundError:
+            return
+        yield from entries
+
+
 class CAS:
-    """Blobs on disk, named by their SHA-256 digest."""
+    """Blobs on disk, named by their SHA-256 digest: the ``filesystem`` backend
+    of :class:`~nixery_trio.store.storage.Storage`."""
+
+    backend = "filesystem"
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -285,10 +327,36 @@ class CAS:
             return None
         return data if len(data) <= limit else None
 
+    def read_range(self, digest: str, first: int, last: int) -> bytes:
+        """Bytes ``first`` to ``last`` (both included) of a blob."""
+        try:
+            with open(self.path(digest), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if not 0 <= first <= last < size:
+                    raise RangeNotSatisfiable(f"bytes {first}-{last} are outside {digest}")
+                return os.pread(f.fileno(), last - first + 1, first)
+        except FileNotFoundError:
+            raise BlobUnknown(f"blob {digest} is not stored", {"digest": digest}) from None
+
     def digests(self) -> Iterator[str]:
         """Every stored digest."""
         for entry in os.scandir(self.blob_dir):
             yield "sha256:" + entry.name
+
+    def delete(self, digest: str) -> None:
+        self.path(digest).unlink(missing_ok=True)
+
+    def used(self, digest: str) -> None:
+        """Refresh the blob's modification time (gc's "last used"), at most
+        once every :data:`TOUCH_INTERVAL` seconds."""
+        path = self.path(digest)
+        with contextlib.suppress(OSError):
+            if time.time() - path.stat().st_mtime > TOUCH_INTERVAL:
+                os.utime(path)
+
+    def records(self, kind: str) -> DirectoryRecords:
+        """The records of ``kind`` (``index/<kind>/``)."""
+        return DirectoryRecords(self.root / "index" / kind, self.tmp_dir)
 
 
 class StoreLock:

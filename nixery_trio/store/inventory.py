@@ -37,9 +37,7 @@ class HeldImage:
 def held_images(root: Path) -> list[HeldImage]:
     """The tags the store holds, by name and tag, and what each takes."""
     cas = CAS(root)
-    tags = TagCache(root, cas)
-    if not tags.index.directory.is_dir():
-        return []
+    tags = TagCache(cas)
     held = []
     for record in tags.records():
         tops = [str(record[key]) for key in ("oci", "digest") if key in record]

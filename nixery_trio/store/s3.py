@@ -27,7 +27,7 @@ caller decides on those rather than reports them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, cast
 
 import boto3
@@ -46,6 +46,13 @@ if TYPE_CHECKING:
 PART_SIZE = 8 << 20
 #: S3's smallest part (every part but the last).
 MIN_PART_SIZE = 5 << 20
+#: Bytes per read of a blob proxied through the registry.
+PROXY_CHUNK = 1 << 20
+#: The largest object one ``CopyObject`` copies; a larger one is copied in parts.
+COPY_LIMIT = 5 << 30
+#: Connections kept open to the S3 service: one per worker thread that may
+#: call it at once (layer writes, lookups, proxied blobs).
+MAX_CONNECTIONS = 64
 
 
 def _status(exc: ClientError) -> int:
@@ -81,8 +88,8 @@ class S3Bucket:
         self,
         endpoint_url: str | None,
         bucket: str,
-        access_key: str,
-        secret_key: str,
+        access_key: str | None,
+        secret_key: str | None,
         region: str,
         part_size: int = PART_SIZE,
     ) -> None:
@@ -94,6 +101,7 @@ class S3Bucket:
             region_name=region,
             signature_version="s3v4",
             retries={"mode": "standard"},
+            max_pool_connections=MAX_CONNECTIONS,
             s3={"addressing_style": "path"} if endpoint_url else {},
         )
         # A session of its own: boto3's default session is not thread-safe.
@@ -104,6 +112,30 @@ class S3Bucket:
             aws_secret_access_key=secret_key,
             config=config,
         )
+
+    def check(self) -> None:
+        """Fail with :class:`StorageError` unless the bucket exists and these
+        credentials reach it (``HeadBucket``): a server finds out at start."""
+        with _storage_errors(f"access to the bucket {self.bucket}"):
+            self._client.head_bucket(Bucket=self.bucket)
+
+    def put(self, key: str, data: bytes) -> None:
+        """Create or replace ``key`` whole (a small blob, a cache record)."""
+        with _storage_errors(f"put of {key}"):
+            self._client.put_object(Bucket=self.bucket, Key=key, Body=data)
+
+    def copy(self, source: str, target: str, size: int) -> None:
+        """Copy ``source`` (of ``size`` bytes) to ``target`` inside the bucket,
+        without the bytes leaving S3: how a streamed blob gets its digest's
+        name, which was not known when its upload started."""
+        with _storage_errors(f"copy of {source} to {target}"):
+            if size <= COPY_LIMIT:
+                self._client.copy_object(
+                    Bucket=self.bucket, Key=target,
+                    CopySource={"Bucket": self.bucket, "Key": source},
+                )  # fmt: skip
+            else:  # boto3's managed copy sends it as parts (UploadPartCopy)
+                self._client.copy({"Bucket": self.bucket, "Key": source}, self.bucket, target)
 
     def put_stream(self, key: str) -> contextlib.AbstractContextManager[S3StreamWriter]:
         """A writer for a blob of unknown size (a layer from the one-pass writer).
@@ -183,6 +215,25 @@ class S3Bucket:
                     raise RangeNotSatisfiable(f"bytes {first}-{last} are outside {key}") from exc
                 raise
 
+    def open_range(self, key: str, first: int, last: int) -> Generator[bytes, None, None]:
+        """Bytes ``first`` to ``last`` of ``key``, as chunks read one at a time
+        (each ``next`` blocks): a blob proxied through the registry without
+        holding more than a chunk of it."""
+        with _storage_errors(f"ranged get of {key}"):
+            reply = self._client.get_object(
+                Bucket=self.bucket, Key=key, Range=f"bytes={first}-{last}"
+            )
+        body = reply["Body"]
+        try:
+            while True:
+                with _storage_errors(f"read of {key}"):
+                    chunk = body.read(PROXY_CHUNK)
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            body.close()
+
     def stat(self, key: str) -> tuple[int, str] | None:
         """``(size, etag)`` of ``key``, or ``None``: whether a blob is there and how
         large (HEAD of a blob), and the ETag that :meth:`put_if_match` needs."""
@@ -240,6 +291,8 @@ class S3StreamWriter:
         self._upload_id: str | None = None
         self._parts: list[CompletedPartTypeDef] = []
         self.done = False
+        #: Bytes written so far.
+        self.size = 0
 
     @property
     def buffered(self) -> int:
@@ -250,6 +303,7 @@ class S3StreamWriter:
         """Append ``data``, sending each part as it fills."""
         if self.done:
             raise ValueError(f"write to {self.key} after commit or abort")
+        self.size += len(data)
         view = memoryview(data)
         while view:
             room = len(self._part) - self._filled
@@ -289,19 +343,28 @@ class S3StreamWriter:
         self._parts.append({"PartNumber": number, "ETag": sent["ETag"]})
         self._filled = 0
 
-    def commit(self) -> str:
+    @property
+    def multipart(self) -> bool:
+        """Whether a multipart upload was started (more than one part was written)."""
+        return self._upload_id is not None
+
+    def commit(self, key: str | None = None) -> str:
         """Make the object, whole, visible under its key; its ETag.
 
-        A multipart upload's ETag is not the MD5 of the object, so the
-        registry names blobs by their own digest, never by it.
+        An object that fits in one part was never uploaded: it is put now,
+        under ``key`` if given (its name may be known only now), else under
+        the writer's key.  A multipart upload's ETag is not the MD5 of the
+        object, so the registry names blobs by their own digest, never by it.
         """
         if self.done:
             raise ValueError(f"{self.key} was already committed or aborted")
-        with _storage_errors(f"commit of {self.key}"):
+        if key is not None and self.multipart:
+            raise ValueError(f"{self.key} is a multipart upload: it cannot be renamed")
+        with _storage_errors(f"commit of {key or self.key}"):
             if self._upload_id is None:
                 del self._part[self._filled :]
                 reply = self._client.put_object(
-                    Bucket=self._bucket.bucket, Key=self.key, Body=self._body()
+                    Bucket=self._bucket.bucket, Key=key or self.key, Body=self._body()
                 )
                 etag = reply["ETag"]
             else:

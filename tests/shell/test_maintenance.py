@@ -38,8 +38,8 @@ class Store:
         self.files = files
         self.cas = CAS(root)
         self.cas.open_store()
-        self.layers = LayerCache(root, self.cas)
-        self.manifests = ManifestCache(root, self.cas)
+        self.layers = LayerCache(self.cas)
+        self.manifests = ManifestCache(self.cas)
         self.layers.index.open_index()
         self.manifests.index.open_index()
 
@@ -94,7 +94,7 @@ def test_fsck_finds_and_repairs_every_kind_of_damage(store: Store) -> None:
     damaged[len(damaged) // 2] ^= 0xFF
     own_path.write_bytes(bytes(damaged))
     # A torn record.
-    torn = store.layers.index._path("shared")
+    torn = store.root / "index" / "layers" / store.layers.index.name("shared")
     torn.write_bytes(torn.read_bytes()[:-2])
     # A stale temporary file and a foreign file among the blobs.
     stale = store.cas.tmp_dir / "old.part"
@@ -142,7 +142,7 @@ def test_fsck_checks_zstd_layers_too(store: Store) -> None:
 
 def test_fsck_and_gc_look_after_tag_records(store: Store) -> None:
     image = store.image("img", [store.layer("one", 3000)])
-    tags = TagCache(store.root, store.cas)
+    tags = TagCache(store.cas)
     tags.index.open_index()
     tags.put("hello", "latest", image.recorded, index=False, platforms=["linux/amd64"])
     tags.put("gone", "latest", {Format.OCI: "sha256:" + "a" * 64}, index=False, platforms=[])

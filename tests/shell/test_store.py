@@ -25,7 +25,7 @@ from nixery_trio.core.errors import ConfigError, StorageError
 from nixery_trio.core.manifest import Format, LayerBlob
 from nixery_trio.store import cas as cas_module
 from nixery_trio.store.cache import LayerCache, ManifestCache, RecordIndex
-from nixery_trio.store.cas import CAS
+from nixery_trio.store.cas import CAS, DirectoryRecords
 
 
 @pytest.fixture
@@ -263,22 +263,22 @@ def tar_text(cas: CAS, blob: LayerBlob, name: str) -> str:
 
 
 def test_record_index_ignores_torn_and_foreign_records(tmp_path: Path, cas: CAS) -> None:
-    index = RecordIndex(tmp_path / "idx", cas.tmp_dir)
+    index = RecordIndex(DirectoryRecords(tmp_path / "idx", cas.tmp_dir))
     index.open_index()
     index.put("k", {"v": 1})
     assert index.get("k") == {"v": 1, "key": "k"}
-    path = index._path("k")
+    path = tmp_path / "idx" / index.name("k")
     path.write_bytes(path.read_bytes()[:-3])  # torn
     assert index.get("k") is None
     assert not path.exists()
     index.put("other", {"v": 2})
-    os.rename(index._path("other"), path)  # a record under the wrong name
+    os.rename(tmp_path / "idx" / index.name("other"), path)  # a record under the wrong name
     assert index.get("k") is None
 
 
 def test_caches_never_point_at_missing_blobs(tmp_path: Path, cas: CAS) -> None:
-    layers = LayerCache(tmp_path / "store", cas)
-    manifests = ManifestCache(tmp_path / "store", cas)
+    layers = LayerCache(cas)
+    manifests = ManifestCache(cas)
     layers.index.open_index()
     manifests.index.open_index()
     digest = cas.put_bytes(b"layer")

@@ -45,7 +45,12 @@ def test_listen_wins_over_port() -> None:
     [
         ({}, "got none"),
         ({"channel": "a", "pkgs_repo": "b"}, "NIXERY_CHANNEL, NIXERY_PKGS_REPO"),
-        ({"channel": "a", "storage_backend": "gcs"}, "not supported"),
+        ({"channel": "a", "storage_backend": "gcs"}, "must be filesystem or s3, got 'gcs'"),
+        ({"channel": "a", "storage_backend": "s3"}, "S3_BUCKET: must be set"),
+        ({"channel": "a", "storage_backend": "s3", "s3_bucket": "b", "s3_endpoint": "host:9000"},
+         "AWS_ENDPOINT_URL: must be an http"),
+        ({"channel": "a", "storage_backend": "s3", "s3_bucket": "b", "s3_access_key_id": "k"},
+         "AWS_SECRET_ACCESS_KEY: is needed too"),
         ({"channel": "a", "nix_timeout": "soon"}, "NIX_TIMEOUT"),
         ({"channel": "a", "nix_timeout": "-1"}, "positive"),
         ({"channel": "a", "listen": "8080"}, "HOST:PORT"),
@@ -125,7 +130,9 @@ def test_flags_over_environment_over_file_over_defaults(tmp_path: Path) -> None:
     assert loaded.values["storage_path"] is None
     # NIXERY_CONFIG names the file when --config does not.
     via_env = settings.load("gc", {}, None, {"NIXERY_CONFIG": str(toml)})
-    assert via_env.values == {"storage_path": "/s", "storage_backend": "filesystem"}
+    given = {name: value for name, value in via_env.values.items() if value is not None}
+    assert given == {"storage_path": "/s", "storage_backend": "filesystem",
+                     "s3_region": "us-east-1"}
 
 
 def test_an_empty_variable_does_not_hide_the_file(tmp_path: Path) -> None:
@@ -188,7 +195,9 @@ def test_every_setting_is_named_once_and_read_by_some_command() -> None:
     commands = ("serve", "prefetch", "ls")
     read = {s.name for command in commands for s in settings.settings_for(command)}
     assert read == set(settings.BY_NAME)
-    assert {s.name for s in settings.settings_for("gc")} == {"storage_path", "storage_backend"}
+    store = {"storage_path", "storage_backend", "s3_bucket", "s3_endpoint", "s3_region",
+             "s3_access_key_id", "s3_secret_access_key"}
+    assert {s.name for s in settings.settings_for("gc")} == store
 
 
 def test_docs_configuration_md_is_generated_from_the_settings() -> None:
