@@ -41,7 +41,7 @@ from . import logs, metrics
 from .build.builder import Builder
 from .build.sources import LATEST
 from .config import Config, make_config
-from .core.errors import ConfigError
+from .core.errors import ConfigError, StorageError
 from .core.popularity import parse_popularity
 from .http import httpserver, supervisor
 from .http.registry import create_app
@@ -346,6 +346,12 @@ def serve(**raw: Any) -> None:
     except ConfigError as exc:
         logs.error("config.invalid", message=str(exc))
         raise click.ClickException(str(exc)) from exc
+    if config.s3 is not None:  # a wrong bucket or key fails here, not the first pull
+        try:
+            open_storage(config.storage_path, config.s3).open_store(clean=False)
+        except StorageError as exc:
+            logs.error("storage.unavailable", bucket=config.s3.bucket, error=str(exc))
+            raise click.ClickException(str(exc)) from exc
     release_large_buffers()
     raise_open_files_limit()
     # Asked once here, what the source caches to make its key (a local

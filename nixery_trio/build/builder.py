@@ -59,7 +59,9 @@ from ..core.digest import sha256_digest
 from ..core.errors import ManifestUnknown, RegistryError, TooManyRequests
 from ..core.image import Arch, Image, parse_image
 from ..core.layers import Layer, group_layers
+from ..store.leases import BuildLeases
 from ..store.locks import BuildSlots, KeyLocks
+from ..store.s3store import S3Store
 from ..store.quota import ColdBuildQuota
 from ..core.manifest import (
     DOCUMENT_LIMIT,
@@ -388,6 +390,12 @@ class Builder:
         #: Name lookups that failed (MANIFEST_UNKNOWN), by flight key, and when.
         self._misses: dict[str, tuple[ManifestUnknown, float]] = {}
         self._threads = trio.CapacityLimiter(config.build_threads)
+        #: Build leases between replicas on one bucket (the s3 backend).
+        self._leases = (
+            BuildLeases(store.bucket, config.s3.build_lease_seconds)
+            if isinstance(store, S3Store) and config.s3 is not None
+            else None
+        )
         self._recent_images: RecentManifests[ImageManifests] = RecentManifests(
             RECENT_ENTRIES, RECENT_SECONDS
         )
@@ -886,14 +894,36 @@ class Builder:
                     metrics.METRICS.manifest_hits.inc()
                     logs.info("manifest.cached", image=image.name, tag=image.tag)
                     return cached
-            metrics.METRICS.manifest_misses.inc()
-            await self._charge_cold_build(image)  # a refusal is no build: never recorded
-            try:
-                return await self._build_image(image, image_key, flight)
-            except RegistryError as exc:
-                held.record_failure(exc)
-                self._remember(flight_key, exc)
-                raise
+            async with self._leased(flight_key, image, image_key) as built:
+                if built is not None:  # by another replica, while we waited
+                    metrics.METRICS.manifest_hits.inc()
+                    logs.info("manifest.cached", image=image.name, tag=image.tag,
+                              detail="built by another replica")  # fmt: skip
+                    return built
+                metrics.METRICS.manifest_misses.inc()
+                await self._charge_cold_build(image)  # a refusal is no build: never recorded
+                try:
+                    return await self._build_image(image, image_key, flight)
+                except RegistryError as exc:
+                    held.record_failure(exc)
+                    self._remember(flight_key, exc)
+                    raise
+
+    def _leased(
+        self, flight_key: str, image: Image, image_key: str | None
+    ) -> contextlib.AbstractAsyncContextManager[ImageManifests | None]:
+        """The bucket's build lease on the image (``leases.py``), or, if another
+        replica built it while we waited, its manifests; on the filesystem,
+        where the flight's lock file already covers every process, nothing."""
+        if self._leases is None:
+            return contextlib.nullcontext()
+
+        async def built() -> ImageManifests | None:
+            if image_key is None:
+                return None
+            return await self._stored_manifest(image_key, image.name)
+
+        return self._leases.hold(flight_key, built)
 
     async def _build_image(
         self, image: Image, image_key: str | None, flight: Flight[ImageManifests]

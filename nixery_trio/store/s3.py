@@ -38,7 +38,7 @@ from ..core.errors import RangeNotSatisfiable, StorageError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
-    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef, PutObjectOutputTypeDef
 
 #: Bytes in one part of a multipart upload, and so the most a stream buffers.
 #: S3 wants at least 5 MiB in every part but the last, and at most 10 000
@@ -146,11 +146,12 @@ class S3Bucket:
         """
         return _open_stream(self, key)
 
-    def put_if_absent(self, key: str, data: bytes) -> bool:
-        """Create ``key`` unless it exists (``If-None-Match: *``); whether it was created.
+    def put_if_absent(self, key: str, data: bytes) -> str | None:
+        """Create ``key`` unless it exists (``If-None-Match: *``): its ETag, or
+        ``None`` if it existed.
 
         This takes a build lease: of several writers racing, exactly one gets
-        ``True``.  A request retried after a lost reply may find the object
+        an ETag (which renews it).  A request retried after a lost reply may find the object
         its first attempt made and say ``False``: the lease is then held by
         nobody who knows it, and expires, which is safe.
         """
@@ -161,10 +162,11 @@ class S3Bucket:
             ),
         )
 
-    def put_if_match(self, key: str, data: bytes, etag: str) -> bool:
-        """Replace ``key`` if it still has ``etag`` (``If-Match``); whether it was replaced.
+    def put_if_match(self, key: str, data: bytes, etag: str) -> str | None:
+        """Replace ``key`` if it still has ``etag`` (``If-Match``): the new ETag,
+        or ``None`` if it was not replaced.
 
-        This renews or hands over a lease: ``False`` means someone else wrote
+        This renews or hands over a lease: ``None`` means someone else wrote
         it since ``etag`` was read (or it is gone), so the lease is lost.
         """
         return self._conditionally(
@@ -172,19 +174,30 @@ class S3Bucket:
             lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=data, IfMatch=etag),
         )
 
-    def _conditionally(self, key: str, put: Callable[[], object]) -> bool:
-        """Whether the conditional ``put`` of ``key`` wrote: ``False`` when its
+    def _conditionally(self, key: str, put: Callable[[], PutObjectOutputTypeDef]) -> str | None:
+        """The ETag the conditional ``put`` of ``key`` wrote: ``None`` when its
         precondition failed, :class:`StorageError` when the store did."""
         with _storage_errors(f"conditional put of {key}"):
             try:
-                put()
+                return put()["ETag"]
             except ClientError as exc:
                 # 409: a conditional write racing another on the same key (AWS);
                 # 404: ``If-Match`` on a key that is gone (AWS; SeaweedFS says 412).
                 if _status(exc) in (412, 409) or _missing(exc):
-                    return False
+                    return None
                 raise
-        return True
+
+    def get_tagged(self, key: str) -> tuple[bytes, str] | None:
+        """The whole object and its ETag (which :meth:`put_if_match` needs), or
+        ``None``: a lease, read to decide whether to wait or take it over."""
+        with _storage_errors(f"get of {key}"):
+            try:
+                reply = self._client.get_object(Bucket=self.bucket, Key=key)
+                return reply["Body"].read(), reply["ETag"]
+            except ClientError as exc:
+                if _missing(exc):
+                    return None
+                raise
 
     def get(self, key: str) -> bytes | None:
         """The whole object, or ``None`` if there is none: for small records

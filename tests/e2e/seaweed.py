@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .server import stop_process, wait_for
+from .server import Server, start_server, stop_process, wait_for
 
 ACCESS_KEY = "nixery-test"
 SECRET_KEY = "nixery-test-secret"
@@ -174,3 +174,24 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
     running = start_seaweed(tmp_path_factory.mktemp("seaweed"))
     yield running
     running.stop()
+
+
+def s3_settings(seaweed: Seaweed, bucket: str) -> tuple[list[str], dict[str, str]]:
+    """The flags and environment of a server on ``bucket`` (keys in the
+    environment, as an operator should give them)."""
+    flags = ["--storage-backend", "s3", "--s3-bucket", bucket, "--s3-endpoint", seaweed.endpoint]
+    env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+           "AWS_REGION": REGION}  # fmt: skip
+    return flags, env
+
+
+def start_on_bucket(workdir: Path, seaweed: Seaweed, bucket: str, *extra: str) -> Server:
+    """A registry on ``bucket`` serving the demo set, one worker unless ``extra`` says;
+    ``extra`` may give another package source (``--pkgs-path``)."""
+    flags, env = s3_settings(seaweed, bucket)
+    workers = [] if "--workers" in extra else ["--workers", "1"]
+    if "--pkgs-path" in extra:
+        at = extra.index("--pkgs-path")
+        source, extra = extra[at : at + 2], extra[:at] + extra[at + 2 :]
+        return start_server(workdir, source=source, extra=[*flags, *workers, *extra], env=env)
+    return start_server(workdir, extra=[*flags, *workers, *extra], env=env)

@@ -127,16 +127,18 @@ def test_small_and_empty_streams_are_one_put(bucket: S3Bucket) -> None:
 
 
 def test_put_if_absent_creates_once(bucket: S3Bucket) -> None:
-    assert bucket.put_if_absent("lease", b"mine") is True
-    assert bucket.put_if_absent("lease", b"theirs") is False
+    etag = bucket.put_if_absent("lease", b"mine")
+    assert etag is not None and bucket.stat("lease") == (4, etag)
+    assert bucket.put_if_absent("lease", b"theirs") is None
     assert bucket.get("lease") == b"mine"
 
 
 def test_put_if_absent_racing_has_one_winner(bucket: S3Bucket) -> None:
     with ThreadPoolExecutor(8) as pool:
         won = list(pool.map(lambda n: bucket.put_if_absent("race", b"%d" % n), range(8)))
-    assert won.count(True) == 1
-    assert bucket.get("race") == b"%d" % won.index(True)
+    winners = [n for n, etag in enumerate(won) if etag is not None]
+    assert len(winners) == 1
+    assert bucket.get_tagged("race") == (b"%d" % winners[0], won[winners[0]])
 
 
 def test_put_if_match_renews_only_with_the_current_etag(bucket: S3Bucket) -> None:
@@ -144,11 +146,13 @@ def test_put_if_match_renews_only_with_the_current_etag(bucket: S3Bucket) -> Non
     stat = bucket.stat("lease")
     assert stat is not None
     first_etag = stat[1]
-    assert bucket.put_if_match("lease", b"v2", first_etag) is True
+    second_etag = bucket.put_if_match("lease", b"v2", first_etag)
+    assert second_etag is not None and second_etag != first_etag
     assert bucket.get("lease") == b"v2"
-    assert bucket.put_if_match("lease", b"v3", first_etag) is False
+    assert bucket.put_if_match("lease", b"v3", first_etag) is None
     assert bucket.get("lease") == b"v2"
-    assert bucket.put_if_match("gone", b"v1", first_etag) is False
+    assert bucket.put_if_match("lease", b"v3", second_etag) is not None
+    assert bucket.put_if_match("gone", b"v1", first_etag) is None
     assert bucket.stat("gone") is None
 
 

@@ -1,0 +1,167 @@
+"""The s3 storage backend end to end: a registry whose store is a SeaweedFS bucket.
+
+Blob GETs are 307 redirects to presigned bucket URLs (or, with presigning
+off, proxied); real clients pull through them and run what they pulled;
+a second server on the same bucket serves what the first built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from .clients import Containerd, Dockerd, chroot, podman, skopeo_copy, umoci_unpack
+from .seaweed import ACCESS_KEY, REGION, SECRET_KEY, Seaweed, s3_settings, start_on_bucket
+from .server import Server, start_server
+
+OCI = "application/vnd.oci.image.manifest.v1+json"
+
+
+@pytest.fixture(scope="module")
+def bucket(seaweed: Seaweed) -> str:
+    return seaweed.create_bucket()
+
+
+@pytest.fixture(scope="module")
+def s3_server(
+    tmp_path_factory: pytest.TempPathFactory, seaweed: Seaweed, bucket: str
+) -> Iterator[Server]:
+    running = start_on_bucket(tmp_path_factory.mktemp("s3reg"), seaweed, bucket)
+    yield running
+    running.stop()
+
+
+def layers_of(server: Server, image: str) -> list[dict[str, object]]:
+    manifest = httpx.get(f"{server.url}/v2/{image}/manifests/latest", headers={"Accept": OCI},
+                         timeout=120)  # fmt: skip
+    assert manifest.status_code == 200, manifest.text
+    return list(manifest.json()["layers"])
+
+
+def test_blob_gets_are_redirects_to_the_bucket(s3_server: Server, seaweed: Seaweed) -> None:
+    layer = layers_of(s3_server, "hello")[0]
+    digest, size = str(layer["digest"]), int(str(layer["size"]))
+    url = f"{s3_server.url}/v2/hello/blobs/{digest}"
+    redirect = httpx.get(url, timeout=30)
+    assert redirect.status_code == 307
+    assert redirect.headers["docker-content-digest"] == digest
+    location = redirect.headers["location"]
+    target = urlsplit(location)
+    assert f"{target.scheme}://{target.netloc}" == seaweed.endpoint
+    assert "X-Amz-Signature=" in target.query and "X-Amz-Expires=300" in target.query
+    # The bucket answers the presigned URL with the blob, whole or a range.
+    whole = httpx.get(location, timeout=30)
+    assert whole.status_code == 200
+    assert "sha256:" + hashlib.sha256(whole.content).hexdigest() == digest
+    assert len(whole.content) == size
+    ranged = httpx.get(url, headers={"Range": "bytes=10-99"}, follow_redirects=True, timeout=30)
+    assert ranged.status_code == 206 and ranged.content == whole.content[10:100]
+    # Without the signature the bucket refuses.
+    assert httpx.get(location.split("?")[0], timeout=30).status_code == 403
+    # HEAD is the registry's own answer: no redirect.
+    head = httpx.head(url, timeout=30)
+    assert head.status_code == 200 and head.headers["content-length"] == str(size)
+
+
+def test_an_unknown_blob_is_blob_unknown(s3_server: Server) -> None:
+    url = f"{s3_server.url}/v2/hello/blobs/sha256:{'0' * 64}"
+    for response in (httpx.get(url, timeout=30), httpx.head(url, timeout=30)):
+        assert response.status_code == 404
+    assert httpx.get(url, timeout=30).json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+
+def test_skopeo_pulls_through_the_redirects(s3_server: Server, tmp_path: Path) -> None:
+    skopeo_copy(s3_server.host, "shell/hello:latest", tmp_path / "oci")
+    rootfs = umoci_unpack(tmp_path / "oci", tmp_path / "bundle")
+    assert chroot(rootfs, "/bin/bash", "-c", "hello").stdout == "Hello, world!\n"
+
+
+def test_ctr_pulls_through_the_redirects(s3_server: Server, containerd: Containerd) -> None:
+    ref = f"{s3_server.host}/hello:latest"
+    containerd.ctr("image", "pull", "--plain-http", ref)
+    result = containerd.ctr("run", "--rm", ref, "nixery-s3-hello", "/bin/hello", timeout=120)
+    assert result.stdout.strip() == "Hello, world!"
+
+
+def test_podman_pulls_through_the_redirects(s3_server: Server) -> None:
+    ref = f"{s3_server.host}/shell/hello:latest"
+    with tempfile.TemporaryDirectory(prefix="pm", dir="/tmp") as workdir:
+        podman(Path(workdir), "pull", "--tls-verify=false", ref)
+        result = podman(
+            Path(workdir), "run", "--rm", "--network", "none",
+            "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096",
+            ref, "/bin/sh", "-c", "hello && echo ok",
+        )  # fmt: skip
+        assert result.stdout == "Hello, world!\nok\n"
+
+
+def test_docker_pulls_through_the_redirects(s3_server: Server, dockerd: Dockerd) -> None:
+    ref = f"{s3_server.host}/hello:latest"
+    dockerd.docker("pull", ref)
+    result = dockerd.docker("run", "--rm", "--network", "none", ref, timeout=120)
+    assert result.stdout == "Hello, world!\n"
+
+
+def test_a_second_server_on_the_bucket_serves_what_the_first_built(
+    s3_server: Server, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """Records and blobs are in the bucket: a replica with an empty local
+    directory answers from them, with no Nix build of its own."""
+    first = httpx.get(f"{s3_server.url}/v2/hello/manifests/latest", headers={"Accept": OCI},
+                      timeout=120)  # fmt: skip
+    with start_on_bucket(tmp_path / "replica", seaweed, bucket) as replica:
+        second = httpx.get(f"{replica.url}/v2/hello/manifests/latest", headers={"Accept": OCI},
+                           timeout=120)  # fmt: skip
+        assert second.status_code == 200
+        assert second.content == first.content
+        assert replica.count("image.built") == 0 and replica.count("layer.built") == 0
+        catalog = httpx.get(f"{replica.url}/v2/_catalog", timeout=30).json()
+        assert "hello" in catalog["repositories"]
+
+
+def test_with_presigning_off_blobs_are_proxied(
+    seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    with start_on_bucket(tmp_path, seaweed, bucket, "--s3-use-presigned-urls", "0") as proxy:
+        layer = layers_of(proxy, "hello")[-1]
+        digest, size = str(layer["digest"]), int(str(layer["size"]))
+        url = f"{proxy.url}/v2/hello/blobs/{digest}"
+        whole = httpx.get(url, timeout=30)
+        assert whole.status_code == 200 and len(whole.content) == size
+        assert "sha256:" + hashlib.sha256(whole.content).hexdigest() == digest
+        ranged = httpx.get(url, headers={"Range": f"bytes=5-{size - 1}"}, timeout=30)
+        assert ranged.status_code == 206 and ranged.content == whole.content[5:]
+        assert ranged.headers["content-range"] == f"bytes 5-{size - 1}/{size}"
+        bad = httpx.get(url, headers={"Range": f"bytes={size}-"}, timeout=30)
+        assert bad.status_code == 416
+        skopeo_copy(proxy.host, "hello:latest", tmp_path / "oci")
+        rootfs = umoci_unpack(tmp_path / "oci", tmp_path / "bundle")
+        assert chroot(rootfs, "/bin/hello").stdout == "Hello, world!\n"
+
+
+def test_a_wrong_bucket_or_key_fails_the_start(seaweed: Seaweed, tmp_path: Path) -> None:
+    flags, env = s3_settings(seaweed, "no-such-bucket")
+    with pytest.raises(RuntimeError, match="no-such-bucket"):
+        start_server(tmp_path / "a", extra=[*flags, "--workers", "1"], env=env)
+    flags, env = s3_settings(seaweed, seaweed.create_bucket())
+    env["AWS_SECRET_ACCESS_KEY"] = "wrong"
+    with pytest.raises(RuntimeError, match=r"S3 access to the bucket .* failed"):
+        start_server(tmp_path / "b", extra=[*flags, "--workers", "1"], env=env)
+
+
+def test_records_are_in_the_bucket(s3_server: Server, seaweed: Seaweed, bucket: str) -> None:
+    layers_of(s3_server, "hello")
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=seaweed.endpoint, aws_access_key_id=ACCESS_KEY,
+                          aws_secret_access_key=SECRET_KEY, region_name=REGION)  # fmt: skip
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    prefixes = {key.split("/")[0] + "/" + key.split("/")[1] for key in keys}
+    assert {"index/layers", "index/manifests", "blobs/sha256"} <= prefixes
+    assert not any(key.startswith("uploads/") for key in keys)
