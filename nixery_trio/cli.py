@@ -47,7 +47,7 @@ from .http import httpserver, supervisor
 from .http.registry import create_app
 from .ops import bundle, maintenance, prefetch
 from .store.inventory import held_images
-from .store.storage import open_storage
+from .store.storage import Storage, open_storage
 from .version import source_version
 
 
@@ -329,6 +329,18 @@ def _store(raw: dict[str, Any], *, must_exist: bool = True) -> Path:
     return storage
 
 
+def _storage(raw: dict[str, Any]) -> Storage:
+    """The store of fsck and gc, on either backend."""
+    loaded = _load("store", raw)
+    try:
+        path, s3 = settings.store_settings(loaded.values, loaded.origins)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if s3 is None and not path.is_dir():
+        raise click.ClickException(f"{path} is not a directory")
+    return open_storage(path, s3)
+
+
 @click.group()
 @click.version_option(version=source_version(), prog_name="nixery-trio")
 def main() -> None:
@@ -512,8 +524,10 @@ def fsck(repair: bool, **raw: Any) -> None:
 
     Exits 1 if it found problems it did not repair.
     """
-    storage_path = _store(raw)
-    findings = maintenance.fsck(storage_path, repair=repair)
+    try:
+        findings = maintenance.fsck(_storage(raw), repair=repair)
+    except StorageError as exc:
+        raise click.ClickException(str(exc)) from exc
     for finding in findings:
         click.echo(str(finding))
     broken = [f for f in findings if not f.repaired]
@@ -541,8 +555,10 @@ def gc(max_size: str, grace: float, **raw: Any) -> None:
             "it checked in the last minutes",
             param_hint="--grace",
         )
-    storage_path = _store(raw)
-    report = maintenance.gc(storage_path, limit, grace=grace)
+    try:
+        report = maintenance.gc(_storage(raw), limit, grace=grace)
+    except StorageError as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(
         f"gc: {report.size_before} -> {report.size_after} bytes, removed "
         f"{len(report.removed)} blob(s) and {report.records_removed} record(s)"

@@ -396,6 +396,15 @@ def storage_path(values: Mapping[str, str | None]) -> Path:
     return Path(raw).resolve()
 
 
+def store_settings(
+    raw: Mapping[str, str | None], origins: Mapping[str, str] | None = None
+) -> tuple[Path, S3Settings | None]:
+    """Where the store commands find the store: its directory, and its bucket
+    for the s3 backend."""
+    v = _Values(raw, origins or {})
+    return storage_path(v.raw), v.s3()
+
+
 class _Values:
     """The merged values, parsed by kind, with errors naming where a value came from."""
 

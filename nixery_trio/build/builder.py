@@ -1041,6 +1041,9 @@ class Builder:
         lock = self.store.lock.acquire()
         try:
             found = [self.layer_cache.get(key) for key in keys]
+            for blob in found:
+                if blob is not None:  # reused: fresh for gc (a bucket's gc takes no lock)
+                    self.store.used(blob.digest)
         except BaseException:
             os.close(lock)
             raise

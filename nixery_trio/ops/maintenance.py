@@ -24,9 +24,9 @@ builds hold it shared, so it is safe to run beside a serving registry.
 from __future__ import annotations
 
 import hashlib
-import os
+import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -40,6 +40,8 @@ from ..core.errors import DigestInvalid
 from ..core.manifest import DOCUMENT_LIMIT, BlobRef, manifest_refs, parse_document
 from ..store.cache import MANIFEST_KEYS, LayerCache, ManifestCache, RecordIndex, TagCache
 from ..store.cas import CAS
+from ..store.s3store import S3Store
+from ..store.storage import Storage
 
 #: The shortest grace period ``nixery-trio gc`` accepts: a server serves a
 #: manifest from memory for a while after checking it (and refreshing its
@@ -64,15 +66,14 @@ class Finding:
         return f"{self.kind} {self.name}: {self.problem} ({state})"
 
 
-def _sha256_file(path: Path) -> str:
+def _sha256(chunks: Iterable[bytes]) -> str:
     hasher = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(_READ):
-            hasher.update(chunk)
+    for chunk in chunks:
+        hasher.update(chunk)
     return "sha256:" + hasher.hexdigest()
 
 
-def _diff_id(path: Path) -> str | None:
+def _diff_id(chunks: Iterable[bytes]) -> str | None:
     """sha256 of the decompressed layer, or ``None`` if it is not one whole gzip
     (or whole zstd frames).
 
@@ -81,15 +82,17 @@ def _diff_id(path: Path) -> str | None:
     the layer is inflated on a thread of its own, a chunk ahead of the
     hashing on this one.
     """
-    with open(path, "rb") as f:
-        if f.read(4) == _ZSTD_MAGIC:
-            return _zstd_diff_id(path)
+    stream = iter(chunks)
+    first = next(stream, b"")
+    rest = itertools.chain([first], stream)
+    if first[:4] == _ZSTD_MAGIC:
+        return _zstd_diff_id(rest)
     hasher = hashlib.sha256()
     inflater = isal_zlib.decompressobj(16 + 15)
     try:
-        with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(1) as inflating:
+        with ThreadPoolExecutor(1) as inflating:
             ahead: Future[bytes] | None = None
-            while chunk := f.read(_READ):
+            for chunk in rest:
                 inflated = inflating.submit(inflater.decompress, chunk)
                 if ahead is not None:
                     hasher.update(ahead.result())
@@ -107,22 +110,22 @@ def _diff_id(path: Path) -> str | None:
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-def _zstd_diff_id(path: Path) -> str | None:
+def _zstd_diff_id(chunks: Iterable[bytes]) -> str | None:
     """sha256 of a zstd layer's frames, or ``None`` unless every frame is whole."""
     hasher = hashlib.sha256()
     decompressor = zstandard.ZstdDecompressor()
     frame = None
     frames = 0
     try:
-        with open(path, "rb", buffering=0) as f:
-            while chunk := f.read(_READ):
-                while chunk:
-                    if frame is None:
-                        frame, frames = decompressor.decompressobj(), frames + 1
-                    hasher.update(frame.decompress(chunk))
-                    chunk = frame.unused_data if frame.eof else b""
-                    if frame.eof:
-                        frame = None
+        for whole in chunks:
+            chunk = whole
+            while chunk:
+                if frame is None:
+                    frame, frames = decompressor.decompressobj(), frames + 1
+                hasher.update(frame.decompress(chunk))
+                chunk = frame.unused_data if frame.eof else b""
+                if frame.eof:
+                    frame = None
     except zstandard.ZstdError:
         return None
     if frame is not None or not frames:  # cut inside a frame, or empty
@@ -131,8 +134,8 @@ def _zstd_diff_id(path: Path) -> str | None:
 
 
 class _Store:
-    def __init__(self, root: Path) -> None:
-        self.cas = CAS(root)
+    def __init__(self, storage: Storage | Path) -> None:
+        self.cas = CAS(storage) if isinstance(storage, Path) else storage
         self.layers = LayerCache(self.cas)
         self.manifests = ManifestCache(self.cas)
         self.tags = TagCache(self.cas)
@@ -140,14 +143,11 @@ class _Store:
         for cache in (self.layers, self.manifests, self.tags):
             cache.index.open_index()
 
-    def blobs(self) -> Iterator[tuple[str, os.stat_result]]:
-        for entry in os.scandir(self.cas.blob_dir):
-            yield entry.name, entry.stat(follow_symlinks=False)
 
-
-def fsck(root: Path, repair: bool = False) -> list[Finding]:
-    """Check every blob and record under ``root``; drop the bad ones if asked."""
-    store = _Store(root)
+def fsck(storage: Storage | Path, repair: bool = False) -> list[Finding]:
+    """Check every blob and record of a store (or the filesystem one at a
+    path); drop the bad ones if asked."""
+    store = _Store(storage)
     findings: list[Finding] = []
 
     def found(kind: str, name: str, problem: str, remove: Callable[[], None]) -> None:
@@ -155,22 +155,19 @@ def fsck(root: Path, repair: bool = False) -> list[Finding]:
             remove()
         findings.append(Finding(kind, name, problem, repair))
 
-    now = time.time()
-    for entry in os.scandir(store.cas.tmp_dir):
-        if now - entry.stat().st_mtime > STALE_TMP_SECONDS:
-            found("tmp", entry.name, "stale temporary file", Path(entry.path).unlink)
+    for leftover in store.cas.leftovers(STALE_TMP_SECONDS):
+        found("tmp", leftover.name, "stale temporary file", leftover.remove)
 
     good: set[str] = set()
-    for name, _ in store.blobs():
-        path = store.cas.blob_dir / name
+    for entry in store.cas.blob_entries():
         try:
-            digest = parse_digest("sha256:" + name)
+            digest = parse_digest("sha256:" + entry.name)
         except DigestInvalid:
-            found("blob", name, "file name is not a sha256 digest", path.unlink)
+            found("blob", entry.name, "file name is not a sha256 digest", entry.remove)
             continue
-        actual = _sha256_file(path)
+        actual = _sha256(store.cas.stream(digest))
         if actual != digest:
-            found("blob", digest, f"content hashes to {actual}", path.unlink)
+            found("blob", digest, f"content hashes to {actual}", entry.remove)
         else:
             good.add(digest)
 
@@ -208,7 +205,7 @@ def _layer_problem(
     if store.cas.size(digest) != size:
         return f"size {size} does not match blob {digest}"
     if digest not in diff_ids:
-        diff_ids[digest] = _diff_id(store.cas.path(digest))
+        diff_ids[digest] = _diff_id(store.cas.stream(digest))
     if diff_ids[digest] != diff_id:
         return f"diff_id {diff_id} does not match the layer's content ({diff_ids[digest]})"
     return None
@@ -248,18 +245,20 @@ class GcReport:
     kept_recent: int = 0
 
 
-def gc(root: Path, max_size: int, grace: float = 900, now: float | None = None) -> GcReport:
+def gc(
+    storage: Storage | Path, max_size: int, grace: float = 900, now: float | None = None
+) -> GcReport:
     """Remove least recently used blobs until the store holds ``max_size`` bytes."""
-    store = _Store(root)
+    store = _Store(storage)
     report = GcReport()
     with store.cas.lock.held(exclusive=True):
         now = time.time() if now is None else now
         sizes: dict[str, int] = {}
         last_used: dict[str, float] = {}
-        for name, st in store.blobs():
-            digest = "sha256:" + name
-            sizes[digest] = st.st_size
-            last_used[digest] = st.st_mtime
+        for entry in store.cas.blob_entries():
+            digest = "sha256:" + entry.name
+            sizes[digest] = entry.size
+            last_used[digest] = entry.used
         report.size_before = report.size_after = sum(sizes.values())
         if report.size_before <= max_size:
             return report
@@ -290,6 +289,11 @@ def gc(root: Path, max_size: int, grace: float = 900, now: float | None = None) 
             if now - last_used[digest] < grace:
                 report.kept_recent = sum(1 for d in order if now - last_used[d] < grace)
                 break
+            if isinstance(store.cas, S3Store) and now - store.cas.last_use(digest) < grace:
+                # Used by a server since the listing: no lock keeps a replica
+                # from reusing a blob while gc decides, so gc asks again.
+                report.kept_recent += 1
+                continue
             for remove in records.get(digest, []):
                 remove()
                 report.records_removed += 1

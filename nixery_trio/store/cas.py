@@ -29,11 +29,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 from ..core.digest import digest_hex, parse_digest, sha256_digest
 from ..core.errors import BlobUnknown, RangeNotSatisfiable, StorageError
+from .storage import STREAM_CHUNK, BlobEntry, Leftover
 
 T = TypeVar("T")
 
@@ -342,6 +344,27 @@ class CAS:
         """Every stored digest."""
         for entry in os.scandir(self.blob_dir):
             yield "sha256:" + entry.name
+
+    def stream(self, digest: str) -> Iterator[bytes]:
+        with open(self.path(digest), "rb", buffering=0) as f:
+            while chunk := f.read(STREAM_CHUNK):
+                yield chunk
+
+    def blob_entries(self) -> Iterator[BlobEntry]:
+        for entry in os.scandir(self.blob_dir):
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:  # removed meanwhile
+                continue
+            remove = partial(Path(entry.path).unlink, missing_ok=True)
+            yield BlobEntry(entry.name, st.st_size, st.st_mtime, remove)
+
+    def leftovers(self, older_than: float) -> Iterator[Leftover]:
+        now = time.time()
+        for entry in os.scandir(self.tmp_dir):
+            with contextlib.suppress(FileNotFoundError):
+                if now - entry.stat().st_mtime > older_than:
+                    yield Leftover(entry.name, partial(Path(entry.path).unlink, missing_ok=True))
 
     def delete(self, digest: str) -> None:
         self.path(digest).unlink(missing_ok=True)

@@ -259,6 +259,17 @@ class S3Bucket:
                 raise
         return reply["ContentLength"], reply["ETag"]
 
+    def stat_time(self, key: str) -> float | None:
+        """When ``key`` was last written (Unix seconds), or ``None`` if it is not there."""
+        with _storage_errors(f"stat of {key}"):
+            try:
+                reply = self._client.head_object(Bucket=self.bucket, Key=key)
+            except ClientError as exc:
+                if _missing(exc):
+                    return None
+                raise
+        return reply["LastModified"].timestamp()
+
     def list(self, prefix: str) -> Iterator[str]:
         """Every key under ``prefix``, in S3's (lexical) order, page by page:
         for garbage collection and the operator commands."""
@@ -269,6 +280,33 @@ class S3Bucket:
             for page in pages:
                 for entry in page.get("Contents", []):
                     yield entry["Key"]
+
+    def list_entries(self, prefix: str) -> Iterator[tuple[str, int, float]]:
+        """Every key under ``prefix`` with its size and last-modified time (Unix
+        seconds): what fsck and gc need of each object, from the listing alone."""
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        )
+        with _storage_errors(f"list of {prefix!r}"):
+            for page in pages:
+                for entry in page.get("Contents", []):
+                    yield entry["Key"], entry["Size"], entry["LastModified"].timestamp()
+
+    def uploads(self, prefix: str) -> Iterator[tuple[str, str, float]]:
+        """The multipart uploads under ``prefix`` never completed nor aborted:
+        key, upload id and when each began (a crash mid-layer leaves one)."""
+        pages = self._client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        )
+        with _storage_errors(f"list of the uploads under {prefix!r}"):
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    yield upload["Key"], upload["UploadId"], upload["Initiated"].timestamp()
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        """Abort a multipart upload: S3 drops its parts."""
+        with _storage_errors(f"abort of an upload of {key}"):
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
 
     def delete(self, key: str) -> None:
         """Remove ``key`` (garbage collection, a released lease); no error if it is gone."""

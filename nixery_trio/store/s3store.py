@@ -5,6 +5,7 @@ any of them answers for an image another one built.  Layout of the bucket::
 
     blobs/sha256/<64 hex>     one object per blob, named by its SHA-256
     uploads/<random>          a large blob streamed before its digest was known
+    used/<64 hex>             empty: its time is the blob's last use (gc)
     index/<kind>/<blake3>     the cache records (cache.py), one object each
     leases/<blake3>           build leases between replicas (leases.py)
 
@@ -32,12 +33,14 @@ import secrets
 import threading
 import time
 from collections.abc import Generator, Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.digest import digest_hex, parse_digest, sha256_digest
 from ..core.errors import BlobUnknown, RangeNotSatisfiable
 from .cas import StoreLock
+from .storage import BlobEntry, Leftover
 
 if TYPE_CHECKING:  # boto3 is imported only by a server that uses a bucket
     from .s3 import S3Bucket, S3StreamWriter
@@ -49,7 +52,11 @@ SIZE_ENTRIES = 65536
 
 BLOB_PREFIX = "blobs/sha256/"
 UPLOAD_PREFIX = "uploads/"
+USED_PREFIX = "used/"
 INDEX_PREFIX = "index/"
+LEASE_PREFIX = "leases/"
+#: Seconds between two marks of one blob's use by one process.
+USED_INTERVAL = 60.0
 
 
 def blob_key(digest: str) -> str:
@@ -124,6 +131,8 @@ class S3Store:
         self.lock = StoreLock(local / "lock")
         self._sizes: dict[str, tuple[int, float]] = {}
         self._sizes_lock = threading.Lock()
+        #: When this process last marked each blob used.
+        self._marked: dict[str, float] = {}
 
     def open_store(self, clean: bool = True) -> int | None:
         """Check the bucket answers (a wrong bucket or key fails the start, not
@@ -208,14 +217,66 @@ class S3Store:
         for key in self.bucket.list(BLOB_PREFIX):
             yield "sha256:" + key[len(BLOB_PREFIX) :]
 
+    def stream(self, digest: str) -> Iterator[bytes]:
+        size = self.size(digest)
+        if size is None:
+            raise BlobUnknown(f"blob {digest} is not stored", {"digest": digest})
+        if size:  # a range of an empty object is not satisfiable
+            yield from self.chunks(digest, 0, size - 1)
+
+    def blob_entries(self) -> Iterator[BlobEntry]:
+        """Each blob, its last use the later of its own time and its mark's."""
+        marks = {
+            key[len(USED_PREFIX) :]: modified
+            for key, _, modified in self.bucket.list_entries(USED_PREFIX)
+        }
+        for key, size, modified in self.bucket.list_entries(BLOB_PREFIX):
+            name = key[len(BLOB_PREFIX) :]
+            used = max(modified, marks.get(name, 0.0))
+            yield BlobEntry(name, size, used, partial(self._remove, name))
+
+    def last_use(self, digest: str) -> float:
+        """When the blob was last marked used (0 if never), asked now: gc looks
+        again just before it deletes, in case a server used it meanwhile."""
+        found = self.bucket.stat_time(USED_PREFIX + digest_hex(parse_digest(digest)))
+        return 0.0 if found is None else found
+
+    def leftovers(self, older_than: float) -> Iterator[Leftover]:
+        """Uploads never completed, ``uploads/`` objects never copied to their
+        name, and leases not renewed (a holder renews every few seconds)."""
+        cutoff = time.time() - older_than
+        for key, upload_id, started in self.bucket.uploads(""):
+            if started < cutoff:
+                yield Leftover(f"upload of {key}",
+                               partial(self.bucket.abort_upload, key, upload_id))  # fmt: skip
+        for prefix in (UPLOAD_PREFIX, LEASE_PREFIX):
+            for key, _, modified in self.bucket.list_entries(prefix):
+                if modified < cutoff:
+                    yield Leftover(key, partial(self.bucket.delete, key))
+
     def delete(self, digest: str) -> None:
+        self._remove(digest_hex(parse_digest(digest)))
+
+    def _remove(self, name: str) -> None:
+        """Remove the blob stored under ``name`` and its mark of use."""
         with self._sizes_lock:
-            self._sizes.pop(digest, None)
-        self.bucket.delete(blob_key(digest))
+            self._sizes.pop("sha256:" + name, None)
+        self.bucket.delete(BLOB_PREFIX + name)
+        self.bucket.delete(USED_PREFIX + name)
 
     def used(self, digest: str) -> None:
-        """Nothing: an object's time cannot be refreshed without rewriting it.
-        gc on a bucket goes by what the records name, not by last use."""
+        """Write the blob's mark of use (an empty ``used/`` object: an object's
+        time cannot be refreshed without rewriting it), at most once every
+        :data:`USED_INTERVAL` seconds per process."""
+        now = time.monotonic()
+        with self._sizes_lock:
+            last = self._marked.get(digest)
+            if last is not None and now - last < USED_INTERVAL:
+                return
+            if len(self._marked) >= SIZE_ENTRIES:
+                self._marked.clear()
+            self._marked[digest] = now
+        self.bucket.put(USED_PREFIX + digest_hex(parse_digest(digest)), b"")
 
     # -- records
 

@@ -23,17 +23,41 @@ A store holds two kinds of things:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from .cas import CAS, StoreLock
-
 if TYPE_CHECKING:
     from ..config import S3Settings
+    from .cas import StoreLock
 
 #: The record namespaces the caches use (``cache.py``).
 RECORD_KINDS = ("layers", "manifests", "tags")
+#: Bytes per chunk of a blob read whole (:meth:`Storage.stream`).
+STREAM_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class BlobEntry:
+    """One stored blob as a listing shows it, for fsck and gc."""
+
+    #: The name it is stored under: a digest's hex, unless something foreign.
+    name: str
+    size: int
+    #: When it was last written or used (gc's "last used").
+    used: float
+    #: Removes it, whatever its name.
+    remove: Callable[[], None]
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """Something a crash or a dead process left in a store: a temporary file,
+    an upload never completed, an expired lease."""
+
+    name: str
+    remove: Callable[[], None]
 
 
 class BlobSink(Protocol):
@@ -118,8 +142,21 @@ class Storage(Protocol):
         blob is missing, ``RangeNotSatisfiable`` past its end."""
         ...
 
+    def stream(self, digest: str) -> Iterator[bytes]:
+        """A whole blob, a chunk at a time (fsck re-hashes every blob so)."""
+        ...
+
     def digests(self) -> Iterator[str]:
         """Every stored blob's digest."""
+        ...
+
+    def blob_entries(self) -> Iterator[BlobEntry]:
+        """Every stored blob with its size and last use (blocking: lists them all)."""
+        ...
+
+    def leftovers(self, older_than: float) -> Iterator[Leftover]:
+        """What crashes left behind, untouched for ``older_than`` seconds
+        (anything younger may be a write in progress)."""
         ...
 
     def delete(self, digest: str) -> None:
@@ -127,7 +164,8 @@ class Storage(Protocol):
         ...
 
     def used(self, digest: str) -> None:
-        """Note that a manifest was served now, for gc's "least recently used"."""
+        """Note that a blob was used now (a manifest served, a cached layer
+        reused), for gc's "least recently used"; at most once a minute."""
         ...
 
     def records(self, kind: str) -> RecordFiles:
@@ -139,6 +177,8 @@ def open_storage(storage_path: Path, s3: S3Settings | None) -> Storage:
     """The store a server or command uses: the files under ``storage_path``,
     or (``s3``) the bucket, with ``storage_path`` for the server's own state.
     Nothing is created or asked yet (``open_store`` does)."""
+    from .cas import CAS  # cas.py imports this module's types
+
     if s3 is None:
         return CAS(storage_path)
     from .s3 import S3Bucket  # boto3 is loaded only for this backend

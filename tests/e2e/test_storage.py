@@ -7,8 +7,10 @@ does for its storage drivers, a new backend is done when it passes these.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -56,7 +58,7 @@ def leftovers(store: Storage) -> list[str]:
 
     assert isinstance(store, S3Store)
     bucket = store.bucket
-    keys = [key for key in bucket.list("") if not key.startswith(("blobs/", "index/"))]
+    keys = [key for key in bucket.list("") if not key.startswith(("blobs/", "index/", "used/"))]
     uploads = bucket._client.list_multipart_uploads(Bucket=bucket.bucket).get("Uploads", [])
     return keys + [f"upload of {upload['Key']}" for upload in uploads]
 
@@ -226,3 +228,126 @@ def test_caches_never_point_at_missing_blobs(storage: Storage) -> None:
     assert layers.get("key") is None
     assert manifests.get("image") is None
     assert tags.get("hello", "latest") is None
+
+
+def test_listing_and_streaming_blobs(storage: Storage) -> None:
+    small = storage.put_bytes(b"small")
+    large = stream(storage, pattern(3 * MiB + 5, seed=4))
+    empty = storage.put_bytes(b"")
+    entries = {entry.name: entry for entry in storage.blob_entries()}
+    assert {name: entry.size for name, entry in entries.items()} == {
+        small[7:]: 5, large[7:]: 3 * MiB + 5, empty[7:]: 0
+    }
+    assert b"".join(storage.stream(large)) == pattern(3 * MiB + 5, seed=4)
+    assert b"".join(storage.stream(empty)) == b""
+    entries[small[7:]].remove()
+    assert storage.size(small) is None
+    assert sorted(storage.digests()) == sorted([large, empty])
+
+
+def test_use_marks_move_last_use_forward(storage: Storage) -> None:
+    digest = storage.put_bytes(b"manifest")
+    if isinstance(storage, CAS):
+        os.utime(storage.path(digest), (1_000_000, 1_000_000))  # long unused
+    else:
+        from nixery_trio.store.s3store import S3Store
+
+        assert isinstance(storage, S3Store) and storage.last_use(digest) == 0
+    before = time.time() - 2  # S3 keeps times to the second
+    storage.used(digest)
+    (entry,) = storage.blob_entries()
+    assert entry.used >= before
+
+
+def test_leftovers_of_a_crash_are_found_and_removed(storage: Storage) -> None:
+    if isinstance(storage, CAS):
+        (storage.tmp_dir / "dead.part").write_bytes(b"half a layer")
+    else:
+        from nixery_trio.store.s3store import S3Store
+
+        assert isinstance(storage, S3Store)
+        bucket = storage.bucket
+        # A layer upload whose writer died: parts sent, never completed.
+        bucket._client.create_multipart_upload(Bucket=bucket.bucket, Key="uploads/dead")
+        bucket.put("uploads/copied-never", b"x")  # died between complete and copy
+        bucket.put("leases/old", b"{}")  # a lease nobody renews
+    assert list(storage.leftovers(older_than=3600)) == []  # young: maybe in progress
+    time.sleep(1.1)
+    found = list(storage.leftovers(older_than=1))
+    assert found
+    for leftover in found:
+        leftover.remove()
+    assert list(storage.leftovers(older_than=0)) == []
+    assert leftovers(storage) == []
+
+
+def _image(storage: Storage, name: str, layers: list[bytes]) -> tuple[str, list[str]]:
+    """A small stored image (config, layers, manifest) recorded in the caches;
+    its manifest digest and its blobs."""
+    from nixery_trio.core.image import Arch
+    from nixery_trio.core.manifest import build_config, build_manifest
+
+    blobs = []
+    for data in layers:
+        compressed = gzip.compress(data, mtime=0)
+        digest = storage.put_bytes(compressed)
+        blob = LayerBlob(digest=digest, diff_id=sha256_digest(data), size=len(compressed))
+        LayerCache(storage).put(f"layer {digest}", blob)
+        blobs.append(blob)
+    config = build_config(arch=Arch.AMD64, layers=blobs, cmd=None, user=None, history=[])
+    config_digest = storage.put_bytes(config)
+    manifest = build_manifest(config_digest=config_digest, config_size=len(config), layers=blobs,
+                              fmt=Format.OCI, compression="gzip")  # fmt: skip
+    manifest_digest = storage.put_bytes(manifest)
+    ManifestCache(storage).put(f"image {name}", {Format.OCI: manifest_digest}, name=name)
+    return manifest_digest, [manifest_digest, config_digest, *(b.digest for b in blobs)]
+
+
+def test_fsck_on_every_backend(storage: Storage) -> None:
+    from nixery_trio.ops import maintenance
+
+    _, healthy = _image(storage, "healthy", [b"one", b"two"])
+    _, damaged = _image(storage, "damaged", [b"three"])
+    assert maintenance.fsck(storage) == []
+    # A layer blob whose bytes are not its digest's.
+    layer = damaged[-1]
+    storage.delete(layer)
+    if isinstance(storage, CAS):
+        storage.path(layer).write_bytes(b"not the layer")
+    else:
+        from nixery_trio.store.s3store import S3Store, blob_key
+
+        assert isinstance(storage, S3Store)
+        storage.bucket.put(blob_key(layer), b"not the layer")
+    findings = maintenance.fsck(storage)
+    assert {(f.kind, f.repaired) for f in findings} == {
+        ("blob", False), ("layer-record", False), ("manifest-record", False)
+    }
+    repaired = maintenance.fsck(storage, repair=True)
+    assert all(f.repaired for f in repaired) and len(repaired) == 3
+    assert maintenance.fsck(storage) == []
+    assert storage.size(layer) is None
+    assert all(storage.size(digest) is not None for digest in healthy)
+
+
+def test_gc_on_every_backend(storage: Storage) -> None:
+    from nixery_trio.ops import maintenance
+
+    _, old = _image(storage, "old", [b"old layer" * 1000])
+    _, recent = _image(storage, "recent", [b"recent layer" * 1000])
+    # Everything was used just now: gc keeps it all, whatever the limit.
+    report = maintenance.gc(storage, max_size=0, grace=120)
+    assert report.removed == [] and report.kept_recent > 0
+    # Later, only the recent image is served (its manifest is marked used).
+    if isinstance(storage, CAS):
+        for digest in old + recent:
+            os.utime(storage.path(digest), (time.time() - 7200,) * 2)
+    else:
+        time.sleep(2.1)  # a bucket keeps object times to the second
+    storage.used(recent[0])
+    total = sum(storage.size(d) or 0 for d in recent)
+    report = maintenance.gc(storage, max_size=total, grace=1.5)
+    assert sorted(report.removed) == sorted(old)
+    assert all(storage.size(d) is not None for d in recent)
+    assert ManifestCache(storage).get("image old") is None
+    assert maintenance.fsck(storage) == []
