@@ -15,10 +15,12 @@ SERVE_APT := nix-bin busybox-static ca-certificates netbase git
 # systemd brings systemd-analyze and openssl makes the certificate for the
 # checks of contrib/ (tests/e2e/test_contrib.py); the web page's test drives
 # chromium (tests/e2e/test_web.py), through Playwright's driver, a node binary
-# that needs libatomic1.
+# that needs libatomic1.  Ceph's monitor, OSD and RADOS Gateway run the
+# storage conformance suite against a second S3 implementation
+# (tests/e2e/ceph.py).
 TEST_APT := skopeo umoci containerd runc podman conmon fuse-overlayfs uidmap gzip \
 	nginx-light wrk docker-registry docker.io qemu-user-static binfmt-support zstd \
-	systemd openssl chromium libatomic1
+	systemd openssl chromium libatomic1 curl ceph-mon ceph-osd radosgw ceph-common
 # The demo package set's aarch64 payload (see nix/demo/default.nix).
 DEMO_ARM64_DIR := nix/demo/arm64
 DEMO_ARM64_BUSYBOX := $(DEMO_ARM64_DIR)/bin/busybox

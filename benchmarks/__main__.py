@@ -13,7 +13,7 @@ from pathlib import Path
 from nixery_trio.build import archive
 from nixery_trio.http import blobs
 
-from . import builds, clients, connections, pipeline, report, serving, soak
+from . import builds, clients, connections, pipeline, report, serving, soak, storage
 from .common import REPO, Context, Section, machine, missing_tools, tool_version
 
 #: Each benchmark module has ``run(ctx) -> list[Section]`` and ``TOOLS``, the
@@ -24,6 +24,7 @@ BENCHMARKS = {
     "builds": builds,
     "connections": connections,
     "clients": clients,
+    "storage": storage,
     "soak": soak,
 }
 

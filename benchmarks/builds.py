@@ -19,6 +19,7 @@ import http.client
 import json
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from nixery_trio.core.layers import StorePathInfo, group_layers
@@ -30,8 +31,10 @@ from .common import (
     Check,
     Context,
     Section,
+    children,
     free_port,
     our_server_argv,
+    peak_rss,
     process,
 )
 from .pipeline import bench_store_paths
@@ -42,13 +45,18 @@ TOOLS = ("nix-build", "nix-instantiate")
 COLD_RUNS = 5
 
 
-def cold_build(ctx: Context, pkgs: Path, image: str, label: str) -> dict[str, float]:
-    """One cold manifest request on a fresh store; the split of its time."""
+def cold_build(
+    ctx: Context, pkgs: Path, image: str, label: str, extra: Sequence[str] = (),
+    env: dict[str, str] | None = None, peak: dict[str, int] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """One cold manifest request on a fresh store (a server started with
+    ``extra`` flags and ``env`` added); the split of its time.  With
+    ``peak``, its ``"rss"`` is set to the server's peak resident memory."""
     storage = ctx.workdir / f"cold-{label}"
     port = free_port()
     log = ctx.workdir / f"cold-{label}.log"
-    argv = our_server_argv(port, storage, pkgs)
-    with process(argv, log, f"http://127.0.0.1:{port}/v2/", env=NIX_ENV):
+    argv = our_server_argv(port, storage, pkgs, *extra)
+    with process(argv, log, f"http://127.0.0.1:{port}/v2/", env=NIX_ENV | (env or {})) as server:
         # As a registry client does: connect, check the API version, then ask
         # for the manifest on the same connection.
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
@@ -64,6 +72,8 @@ def cold_build(ctx: Context, pkgs: Path, image: str, label: str) -> dict[str, fl
             total = time.perf_counter() - started
         finally:
             connection.close()
+        if peak is not None:
+            peak["rss"] = peak_rss(children(server.pid))
         if response.status != 200:
             raise RuntimeError(f"cold build of {image}: HTTP {response.status}")
     built = [

@@ -137,6 +137,17 @@ def rss_bytes(pids: Sequence[int]) -> int:
     return total
 
 
+def peak_rss(pids: Sequence[int]) -> int:
+    """The summed peak resident memory (``VmHWM``) of ``pids`` so far."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) << 10
+    return total
+
+
 def written_bytes(pids: Sequence[int]) -> int:
     """Bytes ``pids`` have written so far, to files and sockets, sendfile included
     (the ``wchar`` of /proc/PID/io; plain ``send`` calls on a socket do not count)."""

@@ -129,7 +129,7 @@ class BuildLeases:
                                  holder=_holder(current[0]),
                                  silent_seconds=round(now - seen[1], 1))  # fmt: skip
                     return etag, None
-                continue  # another waiter took it over first
+                # Another waiter took it over first: watch the new holder.
             found = await built()
             if found is not None:
                 return None, found

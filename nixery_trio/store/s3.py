@@ -8,9 +8,10 @@ threads (``trio.to_thread.run_sync``), as it does the :class:`~.cas.CAS`.
 The properties the registry relies on, and the S3 feature that gives each:
 
 * A layer is streamed from the one-pass writer with bounded memory and is
-  visible only when whole: :meth:`S3Bucket.put_stream` buffers at most one
-  part (:data:`PART_SIZE`) and sends it as a part of a multipart upload,
-  which S3 makes into an object only at ``CompleteMultipartUpload``.
+  visible only when whole: :meth:`S3Bucket.put_stream` fills one part
+  (:data:`PART_SIZE`) while it sends the one before as a part of a
+  multipart upload, which S3 makes into an object only at
+  ``CompleteMultipartUpload``.
 * A build lease is taken and renewed without a lock server:
   :meth:`S3Bucket.put_if_absent` (``If-None-Match: *``) and
   :meth:`S3Bucket.put_if_match` (``If-Match: <etag>``) are S3's conditional
@@ -26,8 +27,10 @@ caller decides on those rather than reports them.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, cast
 
 import boto3
@@ -40,7 +43,10 @@ if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
     from mypy_boto3_s3.type_defs import CompletedPartTypeDef, PutObjectOutputTypeDef
 
-#: Bytes in one part of a multipart upload, and so the most a stream buffers.
+#: Parts of one stream sent at once (each on its own thread) while the
+#: next one fills: a stream holds this many parts plus one in memory.
+PARTS_IN_FLIGHT = 2
+#: Bytes in one part of a multipart upload.
 #: S3 wants at least 5 MiB in every part but the last, and at most 10 000
 #: parts: 8 MiB parts carry layers of up to 78 GiB.
 PART_SIZE = 8 << 20
@@ -140,7 +146,7 @@ class S3Bucket:
     def put_stream(self, key: str) -> contextlib.AbstractContextManager[S3StreamWriter]:
         """A writer for a blob of unknown size (a layer from the one-pass writer).
 
-        Memory stays at one part however large the blob, and nobody sees the
+        Memory stays at two parts however large the blob, and nobody sees the
         object until :meth:`S3StreamWriter.commit`; leaving the ``with``
         block without committing aborts the upload, so S3 keeps no parts.
         """
@@ -168,10 +174,27 @@ class S3Bucket:
 
         This renews or hands over a lease: ``None`` means someone else wrote
         it since ``etag`` was read (or it is gone), so the lease is lost.
+
+        Ceph's RADOS Gateway (16) compares ``If-Match`` with the ETag stripped
+        of its quotes, so the quoted ETag that S3 hands out never matches
+        there.  When the precondition fails but the object still has
+        ``etag``, the write is tried once more with the ETag unquoted: on a
+        server that compares as AWS does that fails too, and the answer is
+        the same ``None``.
         """
-        return self._conditionally(
+        written = self._conditionally(
             key,
             lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=data, IfMatch=etag),
+        )
+        if written is not None or not etag.startswith('"'):
+            return written
+        current = self.stat(key)
+        if current is None or current[1] != etag:
+            return None  # really changed, or gone
+        bare = etag.strip('"')
+        return self._conditionally(
+            key,
+            lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=data, IfMatch=bare),
         )
 
     def _conditionally(self, key: str, put: Callable[[], PutObjectOutputTypeDef]) -> str | None:
@@ -324,13 +347,18 @@ class S3Bucket:
 
 
 class S3StreamWriter:
-    """A multipart upload fed by :meth:`write`, holding at most one part in memory.
+    """A multipart upload fed by :meth:`write`, holding at most
+    :data:`PARTS_IN_FLIGHT` + 1 parts in memory.
 
-    The one buffer of ``part_size`` bytes is allocated once and reused: a
-    full buffer is sent as the next part (and the write waits for it), so
-    memory does not grow with the blob.  The upload is started only when the
-    first part is full: a blob smaller than a part is one ``PutObject`` at
-    :meth:`commit`.
+    A full part is sent on a thread of the writer's own while :meth:`write`
+    fills another buffer, so making the next part (compressing a layer)
+    overlaps sending the ones before, and up to :data:`PARTS_IN_FLIGHT`
+    parts are sent at once (an S3 server takes parallel parts faster than
+    one after the other); a write that fills a buffer while that many are
+    being sent waits for the oldest.  Buffers of ``part_size`` bytes are
+    reused, so memory does not grow with the blob.  The upload is started
+    only when the first part is full: a blob smaller than a part is one
+    ``PutObject`` at :meth:`commit`.
     """
 
     def __init__(self, bucket: S3Bucket, key: str) -> None:
@@ -339,19 +367,26 @@ class S3StreamWriter:
         self.key = key
         self._part = bytearray(bucket.part_size)
         self._filled = 0
+        #: Buffers whose parts were sent, for reuse.
+        self._spare: list[bytearray] = []
+        self._sender: ThreadPoolExecutor | None = None
+        #: The parts being sent, oldest first.
+        self._sending: collections.deque[Future[None]] = collections.deque()
         self._upload_id: str | None = None
         self._parts: list[CompletedPartTypeDef] = []
+        #: The number of the last part handed to the sender.
+        self._number = 0
         self.done = False
         #: Bytes written so far.
         self.size = 0
 
     @property
     def buffered(self) -> int:
-        """Bytes written but not yet sent (never more than one part)."""
+        """Bytes written but not yet handed to the sender (less than one part)."""
         return self._filled
 
     def write(self, data: bytes) -> int:
-        """Append ``data``, sending each part as it fills."""
+        """Append ``data``, handing each part to the sender as it fills."""
         if self.done:
             raise ValueError(f"write to {self.key} after commit or abort")
         self.size += len(data)
@@ -363,36 +398,53 @@ class S3StreamWriter:
             self._filled += len(chunk)
             view = view[len(chunk) :]
             if self._filled == len(self._part):
-                self._send_part()
+                self._hand_off()
         return len(data)
 
-    def _body(self) -> bytes:
-        # botocore takes a bytearray as it is (its validator lists the type,
-        # its stubs do not): no copy of the part.
-        return cast(bytes, self._part)
-
-    def _send_part(self) -> None:
-        """Send what the buffer holds as the next part, starting the upload if needed."""
-        with _storage_errors(f"upload of a part of {self.key}"):
-            if self._upload_id is None:
+    def _hand_off(self) -> None:
+        """Send the full buffer in the background; go on filling another one."""
+        while len(self._sending) >= PARTS_IN_FLIGHT:
+            self._sending.popleft().result()  # its error, if any, is raised here
+        if self._upload_id is None:
+            with _storage_errors(f"start of the upload of {self.key}"):
                 created = self._client.create_multipart_upload(
                     Bucket=self._bucket.bucket, Key=self.key
                 )
-                self._upload_id = created["UploadId"]
-            number = len(self._parts) + 1
-            # The bytearray itself (botocore sends it without a copy); a last,
-            # short part is the buffer cut down in place.
-            if self._filled < len(self._part):
-                del self._part[self._filled :]
+            self._upload_id = created["UploadId"]
+        full = self._part
+        self._part = self._spare.pop() if self._spare else bytearray(len(full))
+        self._filled = 0
+        if self._sender is None:
+            self._sender = ThreadPoolExecutor(PARTS_IN_FLIGHT, "s3-part")
+        self._number += 1
+        self._sending.append(self._sender.submit(self._send, full, self._number))
+
+    def _send(self, body: bytearray, number: int) -> None:
+        """Upload ``body`` as part ``number``; keep its buffer for reuse."""
+        assert self._upload_id is not None
+        with _storage_errors(f"upload of part {number} of {self.key}"):
+            # botocore takes a bytearray as it is (its validator lists the
+            # type, its stubs do not): no copy of the part.
             sent = self._client.upload_part(
                 Bucket=self._bucket.bucket,
                 Key=self.key,
                 UploadId=self._upload_id,
                 PartNumber=number,
-                Body=self._body(),
+                Body=cast(bytes, body),
             )
-        self._parts.append({"PartNumber": number, "ETag": sent["ETag"]})
-        self._filled = 0
+        self._parts.append({"PartNumber": number, "ETag": sent["ETag"]})  # list.append is atomic
+        if len(body) == self._bucket.part_size:
+            self._spare.append(body)
+
+    def _wait_sent(self) -> None:
+        """Wait for every part being sent; raise the first error."""
+        while self._sending:
+            self._sending.popleft().result()
+
+    def _stop_sender(self) -> None:
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.shutdown(wait=True)
 
     @property
     def multipart(self) -> bool:
@@ -405,31 +457,42 @@ class S3StreamWriter:
         An object that fits in one part was never uploaded: it is put now,
         under ``key`` if given (its name may be known only now), else under
         the writer's key.  A multipart upload's ETag is not the MD5 of the
-        object, so the registry names blobs by their own digest, never by it.
+        object (and Ceph 16 answers an empty one), so the registry names
+        blobs by their own digest, never by it.
         """
         if self.done:
             raise ValueError(f"{self.key} was already committed or aborted")
         if key is not None and self.multipart:
             raise ValueError(f"{self.key} is a multipart upload: it cannot be renamed")
-        with _storage_errors(f"commit of {key or self.key}"):
+        try:
             if self._upload_id is None:
                 del self._part[self._filled :]
-                reply = self._client.put_object(
-                    Bucket=self._bucket.bucket, Key=key or self.key, Body=self._body()
-                )
+                with _storage_errors(f"put of {key or self.key}"):
+                    reply = self._client.put_object(
+                        Bucket=self._bucket.bucket, Key=key or self.key,
+                        Body=cast(bytes, self._part),
+                    )  # fmt: skip
                 etag = reply["ETag"]
             else:
+                self._wait_sent()
                 if self._filled:
-                    self._send_part()
-                completed = self._client.complete_multipart_upload(
-                    Bucket=self._bucket.bucket,
-                    Key=self.key,
-                    UploadId=self._upload_id,
-                    MultipartUpload={"Parts": self._parts},
-                )
+                    del self._part[self._filled :]  # the last, short part
+                    self._number += 1
+                    self._send(self._part, self._number)
+                parts = sorted(self._parts, key=lambda part: part["PartNumber"])
+                with _storage_errors(f"commit of {self.key}"):
+                    completed = self._client.complete_multipart_upload(
+                        Bucket=self._bucket.bucket,
+                        Key=self.key,
+                        UploadId=self._upload_id,
+                        MultipartUpload={"Parts": parts},
+                    )
                 etag = completed["ETag"]
+        finally:
+            self._stop_sender()
         self.done = True
         self._part = bytearray()
+        self._spare = []
         return etag
 
     def abort(self) -> None:
@@ -438,7 +501,12 @@ class S3StreamWriter:
         if self.done:
             return
         self.done = True
+        while self._sending:
+            with contextlib.suppress(StorageError):  # a failed part is dropped with the rest
+                self._sending.popleft().result()
+        self._stop_sender()
         self._part = bytearray()
+        self._spare = []
         if self._upload_id is None:
             return
         with _storage_errors(f"abort of the upload of {self.key}"):

@@ -30,6 +30,7 @@ def test_quick_benchmarks_write_a_report(tmp_path: Path) -> None:
     for title in ("Layer pipeline", "Deflate engine and level", "Memory", "Blob serving",
                   "Warm manifests", "Cold builds", "Layering", "Hostile connections", "Defaults",
                   "Clients: gzip against zstd layers",
+                  "Storage backends: S3 (SeaweedFS) vs the filesystem",
                   "Soak: concurrent pulls, cached and uncached"):  # fmt: skip
         assert f"\n## {title}\n" in report, title
     assert "| layer pipeline vs the GNU tar, gzip -6 pipeline (input MB/s) |" in report

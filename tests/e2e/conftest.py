@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from .ceph import ceph  # noqa: F401  (the session fixture)
 from .clients import Containerd, Dockerd, start_containerd, start_dockerd
 from .seaweed import seaweed  # noqa: F401  (the session fixture)
 from .server import Server, start_server

@@ -96,6 +96,10 @@ class Seaweed:
 
     def stop(self) -> None:
         stop_process(self.process, grace=10)
+        # The unix sockets its parts leave in /tmp, named by their gRPC ports.
+        for port in range(self.port, self.port + PORTS):
+            for socket_path in Path("/tmp").glob(f"seaweedfs-*-grpc-{port + GRPC_OFFSET}.sock"):
+                socket_path.unlink(missing_ok=True)
 
 
 def _answers(endpoint: str) -> bool:
@@ -129,7 +133,9 @@ def start_seaweed(workdir: Path) -> Seaweed:
     )
     base = free_base_port()
     argv = [
-        str(weed), "mini",
+        # Its own log files here, not in /tmp (the gRPC sockets of its
+        # parts still go to /tmp: weed has no setting for them).
+        str(weed), f"-logdir={workdir}", "mini",
         f"-dir={data}",
         "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-s3.port={base}", f"-master.port={base + 1}", f"-volume.port={base + 2}",

@@ -1,4 +1,22 @@
-"""The S3 store's bucket (nixery_trio/store/s3.py) against a real S3 server, SeaweedFS."""
+"""The S3 store's bucket (nixery_trio/store/s3.py) against two real S3 servers.
+
+Every test runs against SeaweedFS and against Ceph's RADOS Gateway 16.
+Where one of them differs from AWS, the test says so and is marked as an
+expected failure on it (strict: if the server is fixed, the mark must go):
+
+* Ceph 16 compares ``If-Match`` without the ETag's quotes, so a quoted
+  ETag, as S3 hands it out, never matches.  ``S3Bucket.put_if_match``
+  works around it (build leases are renewed and taken over with it);
+  ``test_ceph_compares_if_match_without_quotes`` shows the raw behaviour.
+* Ceph 16 ignores ``If-None-Match: *`` when completing a multipart upload
+  (it honours it on a plain put).  The registry never completes an upload
+  conditionally (a lease is a small plain put; a layer upload goes to a
+  random key and is then copied to its digest's name).
+* Ceph 16 answers ``CompleteMultipartUpload`` with an empty ETag.  The
+  registry names blobs by their digest and never uses that ETag.
+* Both answer ``If-Match`` on a missing key with 412 where AWS says 404;
+  ``put_if_match`` reads both as "not written".
+"""
 
 from __future__ import annotations
 
@@ -9,22 +27,39 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from botocore.exceptions import ClientError
 
 pytest.importorskip("boto3")
 
 from nixery_trio.core.errors import RangeNotSatisfiable, StorageError
-from nixery_trio.store.s3 import PART_SIZE, S3Bucket
+from nixery_trio.store.s3 import PART_SIZE, PARTS_IN_FLIGHT, S3Bucket
 
+from .ceph import Ceph
 from .seaweed import ACCESS_KEY, REGION, SECRET_KEY, Seaweed
 from .server import wait_for
 
 MiB = 1 << 20
 
 
+@pytest.fixture(params=["seaweedfs", "ceph"])
+def server(request: pytest.FixtureRequest) -> Seaweed | Ceph:
+    """Each S3 server the tests start."""
+    found: Seaweed | Ceph = request.getfixturevalue(
+        "seaweed" if request.param == "seaweedfs" else "ceph"
+    )
+    return found
+
+
 @pytest.fixture
-def bucket(seaweed: Seaweed) -> S3Bucket:
+def bucket(server: Seaweed | Ceph) -> S3Bucket:
     """A new, empty bucket for each test."""
-    return S3Bucket(seaweed.endpoint, seaweed.create_bucket(), ACCESS_KEY, SECRET_KEY, REGION)
+    return S3Bucket(server.endpoint, server.create_bucket(), ACCESS_KEY, SECRET_KEY, REGION)
+
+
+def on_ceph(request: pytest.FixtureRequest, reason: str) -> None:
+    """Mark the running test as failing on Ceph for ``reason`` (strictly)."""
+    if request.node.callspec.params.get("server") == "ceph":
+        request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
 
 
 def chunks(count: int, size: int = MiB) -> Iterator[bytes]:
@@ -40,14 +75,17 @@ def uploads_of(bucket: S3Bucket, key: str) -> list[str]:
     return [upload["UploadId"] for upload in listed.get("Uploads", [])]
 
 
-def test_a_stream_of_several_parts_appears_whole_only_on_commit(bucket: S3Bucket) -> None:
+def test_a_stream_of_several_parts_appears_whole_only_on_commit(
+    bucket: S3Bucket, request: pytest.FixtureRequest
+) -> None:
+    on_ceph(request, "Ceph 16 answers CompleteMultipartUpload with an empty ETag")
     expected = hashlib.sha256()
     with bucket.put_stream("blobs/layer") as writer:
         for chunk in chunks(20):
             writer.write(chunk)
             expected.update(chunk)
             assert writer.buffered < PART_SIZE
-        # Two parts are in S3, the rest in memory: nothing is visible yet.
+        # Two parts are sent or being sent, the rest in memory: nothing is visible yet.
         assert len(uploads_of(bucket, "blobs/layer")) == 1
         assert bucket.stat("blobs/layer") is None
         assert list(bucket.list("blobs/")) == []
@@ -70,7 +108,7 @@ def test_a_stream_of_whole_parts_only(bucket: S3Bucket) -> None:
     assert bucket.get("exact") == b"".join(chunks(16))
 
 
-def test_a_stream_holds_at_most_one_part_in_memory(bucket: S3Bucket) -> None:
+def test_a_stream_holds_a_bounded_number_of_parts_in_memory(bucket: S3Bucket) -> None:
     total = 40 * MiB
     writes = chunks(40)
     tracemalloc.start()
@@ -82,8 +120,9 @@ def test_a_stream_holds_at_most_one_part_in_memory(bucket: S3Bucket) -> None:
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    # The part, one chunk being written, and botocore's bookkeeping.
-    assert peak < PART_SIZE + 4 * MiB < total
+    # The parts being sent, the one being filled, one chunk being written,
+    # and botocore's bookkeeping.
+    assert peak < (PARTS_IN_FLIGHT + 1) * PART_SIZE + 4 * MiB < total
     assert bucket.stat("big") is not None
     assert bucket.stat("big")[0] == total  # type: ignore[index]
 
@@ -215,15 +254,48 @@ def test_a_presigned_url_expires(bucket: S3Bucket) -> None:
     wait_for(lambda: httpx.get(url, timeout=30).status_code == 403, 15, "the URL to expire", 0.2)
 
 
-def test_failures_of_the_store_are_storage_errors(seaweed: Seaweed, bucket: S3Bucket) -> None:
-    no_bucket = S3Bucket(seaweed.endpoint, "no-such-bucket", ACCESS_KEY, SECRET_KEY, REGION)
+def test_failures_of_the_store_are_storage_errors(
+    server: Seaweed | Ceph, bucket: S3Bucket
+) -> None:
+    no_bucket = S3Bucket(server.endpoint, "no-such-bucket", ACCESS_KEY, SECRET_KEY, REGION)
     with pytest.raises(StorageError, match="NoSuchBucket"):
         no_bucket.get("key")
     with pytest.raises(StorageError, match="NoSuchBucket"):
         list(no_bucket.list(""))
     with pytest.raises(StorageError), no_bucket.put_stream("key") as writer:
         writer.write(b"x" * PART_SIZE)
-    wrong_key = S3Bucket(seaweed.endpoint, bucket.bucket, ACCESS_KEY, "not-the-secret", REGION)
+    wrong_key = S3Bucket(server.endpoint, bucket.bucket, ACCESS_KEY, "not-the-secret", REGION)
     with pytest.raises(StorageError, match="SignatureDoesNotMatch"):
         wrong_key.put_if_absent("key", b"x")
     assert bucket.stat("key") is None
+
+
+def test_ceph_compares_if_match_without_quotes(
+    bucket: S3Bucket, request: pytest.FixtureRequest
+) -> None:
+    """The raw If-Match, as AWS and boto3 send it: the quoted ETag matches."""
+    on_ceph(request, "Ceph 16 compares If-Match with the ETag without its quotes")
+    client = bucket._client
+    etag = client.put_object(Bucket=bucket.bucket, Key="k", Body=b"v1")["ETag"]
+    assert etag.startswith('"')
+    client.put_object(Bucket=bucket.bucket, Key="k", Body=b"v2", IfMatch=etag)
+    assert bucket.get("k") == b"v2"
+
+
+def test_a_conditional_multipart_complete_does_not_overwrite(
+    bucket: S3Bucket, request: pytest.FixtureRequest
+) -> None:
+    """``If-None-Match: *`` on CompleteMultipartUpload, raw (the registry does not use it)."""
+    on_ceph(request, "Ceph 16 ignores If-None-Match on CompleteMultipartUpload")
+    client = bucket._client
+    client.put_object(Bucket=bucket.bucket, Key="taken", Body=b"first")
+    upload = client.create_multipart_upload(Bucket=bucket.bucket, Key="taken")["UploadId"]
+    part = client.upload_part(Bucket=bucket.bucket, Key="taken", UploadId=upload, PartNumber=1,
+                              Body=b"second")  # fmt: skip
+    with pytest.raises(ClientError) as refused:
+        client.complete_multipart_upload(
+            Bucket=bucket.bucket, Key="taken", UploadId=upload, IfNoneMatch="*",
+            MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]},
+        )  # fmt: skip
+    assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 412
+    assert bucket.get("taken") == b"first"

@@ -1,8 +1,11 @@
 """The storage conformance suite: what every backend of ``store/storage.py`` must do.
 
-Each test runs once per backend: the filesystem CAS, and an S3 bucket on a
-real S3 server (SeaweedFS, started by the tests).  As CNCF distribution
-does for its storage drivers, a new backend is done when it passes these.
+Each test runs once per backend: the filesystem CAS, and an S3 bucket on
+each of two real S3 servers started by the tests, SeaweedFS and Ceph's
+RADOS Gateway.  As CNCF distribution does for its storage drivers, a new
+backend is done when it passes these.  (What the two S3 servers do
+differently from AWS, and what that means for the registry, is in
+tests/e2e/test_s3_bucket.py and docs/storage.md.)
 """
 
 from __future__ import annotations
@@ -25,22 +28,25 @@ from nixery_trio.store.cache import LayerCache, ManifestCache, RecordIndex, TagC
 from nixery_trio.store.cas import CAS
 from nixery_trio.store.storage import RECORD_KINDS, Storage
 
+from .ceph import Ceph
 from .seaweed import ACCESS_KEY, REGION, SECRET_KEY, Seaweed
 
 MiB = 1 << 20
 
 
-@pytest.fixture(params=["filesystem", "s3"])
+@pytest.fixture(params=["filesystem", "seaweedfs", "ceph"])
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
-    """An empty, opened store of each backend."""
+    """An empty, opened store of each backend (the s3 one on each S3 server)."""
     if request.param == "filesystem":
         store: Storage = CAS(tmp_path / "store")
     else:
         from nixery_trio.store.s3 import S3Bucket
         from nixery_trio.store.s3store import S3Store
 
-        seaweed: Seaweed = request.getfixturevalue("seaweed")
-        bucket = S3Bucket(seaweed.endpoint, seaweed.create_bucket(), ACCESS_KEY, SECRET_KEY,
+        server: Seaweed | Ceph = request.getfixturevalue(
+            "seaweed" if request.param == "seaweedfs" else "ceph"
+        )
+        bucket = S3Bucket(server.endpoint, server.create_bucket(), ACCESS_KEY, SECRET_KEY,
                           REGION)  # fmt: skip
         store = S3Store(bucket, tmp_path / "local")
     store.open_store(clean=True)
