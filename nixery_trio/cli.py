@@ -496,8 +496,10 @@ def import_command(bundles: tuple[Path, ...], **raw: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image, per line.")
 def list_command(as_json: bool, **raw: Any) -> None:
     """The images the store holds: tag, platforms, digest, size, created, last pulled."""
-    storage_path = _store(raw)
-    images = held_images(storage_path)
+    try:
+        images = held_images(_storage(raw))
+    except StorageError as exc:
+        raise click.ClickException(str(exc)) from exc
     if as_json:
         for image in images:
             click.echo(json.dumps(dataclasses.asdict(image)))

@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 
 from .core.routes import kind_of
 from .store.inventory import blob_totals
+from .store.storage import Storage
 
 #: Content type of the text format ``render`` writes.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -213,8 +214,8 @@ class StoreCollector(Collector):
     """The store's blobs and their bytes, counted at scrape time (at most every
     :data:`STORE_SCAN_SECONDS`), in a registry of its own."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
         self._scanned = (-STORE_SCAN_SECONDS, 0, 0)
         self.registry = CollectorRegistry()
         self.registry.register(self)
@@ -222,7 +223,7 @@ class StoreCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         at, blobs, size = self._scanned
         if time.monotonic() - at >= STORE_SCAN_SECONDS:
-            blobs, size = blob_totals(self.root)
+            blobs, size = blob_totals(self.storage)
             self._scanned = (time.monotonic(), blobs, size)
         yield GaugeMetricFamily("nixery_store_blobs", "Blobs in the store.", value=blobs)
         yield GaugeMetricFamily("nixery_store_bytes", "Bytes of the store's blobs.", value=size)

@@ -397,7 +397,7 @@ def create_app(builder: Builder) -> FastLane:
         return _manifest_response(negotiated(found, accept, builder.config.oci), head)
 
     web.mount(app, builder, package_set)  # / and /status.json
-    store = metrics.StoreCollector(builder.config.storage_path)
+    store = metrics.StoreCollector(builder.store)
 
     @app.route("/metrics", methods=["GET", "HEAD"])
     async def prometheus() -> Response:

@@ -43,7 +43,7 @@ from .. import __version__
 from ..build.builder import Builder
 from ..build.sources import PathSource, Source
 from ..store.activity import Activity, ActivityBoard, Snapshot, read_board
-from ..store.inventory import HeldImage, blob_totals, held_images
+from ..store.inventory import HeldImage, blob_uses, held_images
 
 T = TypeVar("T")
 
@@ -202,7 +202,9 @@ def mount(app: QuartTrio, builder: Builder, package_set: str | None) -> None:
 
     async def read_store() -> Store:
         def read() -> Store:
-            return Store(held_images(root), blob_totals(root)[1])
+            uses = blob_uses(builder.store)
+            held = held_images(builder.store, uses)
+            return Store(held, sum(size for size, _ in uses.values()))
 
         return await trio.to_thread.run_sync(read)
 

@@ -1,17 +1,15 @@
 """What a store holds: its tags with their sizes and dates (``nixery-trio ls``,
 the web page), and its blobs and their bytes (the web page, ``/metrics``).
-Blocking: read-only walks of the tag records and the blob folder, for a
-worker thread."""
+Blocking: read-only walks of the tag records and a listing of the blobs,
+for a worker thread."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..core.manifest import DOCUMENT_LIMIT, closure
 from .cache import TagCache
-from .cas import CAS
+from .storage import Storage
 
 
 @dataclass(frozen=True)
@@ -34,19 +32,31 @@ class HeldImage:
     last_pulled: float
 
 
-def held_images(root: Path) -> list[HeldImage]:
-    """The tags the store holds, by name and tag, and what each takes."""
-    cas = CAS(root)
-    tags = TagCache(cas)
+def blob_uses(storage: Storage) -> dict[str, tuple[int, float]]:
+    """Every blob's size and last use, by digest (one listing of the store)."""
+    return {"sha256:" + entry.name: (entry.size, entry.used) for entry in storage.blob_entries()}
+
+
+def held_images(
+    storage: Storage, uses: dict[str, tuple[int, float]] | None = None
+) -> list[HeldImage]:
+    """The tags the store holds, by name and tag, and what each takes;
+    ``uses`` is :func:`blob_uses` if the caller has it already."""
+    tags = TagCache(storage)
+    records = tags.records()
+    if not records:
+        return []
+    if uses is None:
+        uses = blob_uses(storage)
     held = []
-    for record in tags.records():
+    for record in records:
         tops = [str(record[key]) for key in ("oci", "digest") if key in record]
         if not tops:
             continue
         try:
-            found = closure(tops, lambda digest: cas.read_bytes(digest, DOCUMENT_LIMIT))
+            found = closure(tops, lambda digest: storage.read_bytes(digest, DOCUMENT_LIMIT))
             size = sum(found.blobs.values())
-            last_pulled = max(cas.path(d).stat().st_mtime for d in found.documents)
+            last_pulled = max(uses[d][1] for d in found.documents)
         except (LookupError, ValueError, OSError):  # damaged: fsck says how
             size, last_pulled = 0, 0.0
         held.append(HeldImage(
@@ -58,18 +68,13 @@ def held_images(root: Path) -> list[HeldImage]:
     return sorted(held, key=lambda image: (image.name, image.tag))
 
 
-def blob_totals(root: Path) -> tuple[int, int]:
-    """How many blobs the store holds, and their bytes (one ``stat`` each)."""
+def blob_totals(storage: Storage) -> tuple[int, int]:
+    """How many blobs the store holds, and their bytes (one listing)."""
     blobs = total = 0
     try:
-        entries = os.scandir(CAS(root).blob_dir)
-    except FileNotFoundError:
+        for entry in storage.blob_entries():
+            total += entry.size
+            blobs += 1
+    except FileNotFoundError:  # a filesystem store not made yet
         return 0, 0
-    with entries:
-        for entry in entries:
-            try:
-                total += entry.stat(follow_symlinks=False).st_size
-                blobs += 1
-            except FileNotFoundError:  # removed by gc meanwhile
-                continue
     return blobs, total

@@ -8,6 +8,7 @@ a second server on the same bucket serves what the first built.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import pytest
 
 from .clients import Containerd, Dockerd, chroot, podman, skopeo_copy, umoci_unpack
 from .seaweed import ACCESS_KEY, REGION, SECRET_KEY, Seaweed, s3_settings, start_on_bucket
-from .server import Server, start_server
+from .server import Server, start_server, wait_for
 
 OCI = "application/vnd.oci.image.manifest.v1+json"
 
@@ -225,3 +226,21 @@ def test_fsck_and_gc_on_the_bucket(seaweed: Seaweed, tmp_path: Path) -> None:
         rootfs = umoci_unpack(tmp_path / "oci", tmp_path / "bundle")
         assert chroot(rootfs, "/bin/hello").stdout == "Hello, world!\n"
         assert server.count("image.built") == 1
+
+
+def test_the_page_metrics_and_ls_see_the_bucket(
+    s3_server: Server, seaweed: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    skopeo_copy(s3_server.host, "hello:latest", tmp_path / "oci")  # a pull by tag records it
+    def hello_listed() -> list[str]:
+        listing = nixery("ls", seaweed, bucket, tmp_path / "ops", "--json").stdout
+        return [line for line in listing.splitlines() if '"name": "hello", "tag": "latest"' in line]
+
+    listed = wait_for(hello_listed, 30, "ls to list hello:latest")
+    held = json.loads(listed[0])
+    assert held["size"] > 0 and held["last_pulled"] > 0
+    status = httpx.get(f"{s3_server.url}/status.json", timeout=30).json()
+    assert status["store"]["size"] > 0
+    metrics = httpx.get(f"{s3_server.url}/metrics", timeout=30).text
+    blobs = [line for line in metrics.splitlines() if line.startswith("nixery_store_blobs ")]
+    assert blobs and float(blobs[0].split()[1]) > 0

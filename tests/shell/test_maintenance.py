@@ -148,7 +148,7 @@ def test_fsck_and_gc_look_after_tag_records(store: Store) -> None:
     tags.put("gone", "latest", {Format.OCI: "sha256:" + "a" * 64}, index=False, platforms=[])
     (finding,) = fsck(store.root)
     assert finding.kind == "tag-record" and "missing" in finding.problem
-    assert [(h.name, h.tag) for h in held_images(store.root)] == [
+    assert [(h.name, h.tag) for h in held_images(store.cas)] == [
         ("gone", "latest"), ("hello", "latest")
     ]  # fmt: skip
     fsck(store.root, repair=True)
@@ -159,7 +159,7 @@ def test_fsck_and_gc_look_after_tag_records(store: Store) -> None:
         store.age(digest, 10_000)
     report = gc(store.root, max_size=0, grace=60, now=1_000_000)
     assert report.records_removed >= 2 and tags.get("hello", "latest") is None
-    assert fsck(store.root) == [] and held_images(store.root) == []
+    assert fsck(store.root) == [] and held_images(store.cas) == []
 
 
 def test_gc_removes_least_recently_used_images_first(store: Store) -> None:
