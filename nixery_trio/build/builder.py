@@ -845,9 +845,10 @@ class Builder:
     def _load_manifest(self, digest: str) -> Manifest | None:
         """Read a manifest, check its blobs are all stored, and mark it used.
 
-        The mark (on the filesystem, the file's mtime, refreshed at most once a minute) is what
-        ``gc`` reads as "last used": it never removes a manifest, or a blob
-        one names, that was used within its grace period.
+        The mark (``Storage.used``: the file's mtime, or a bucket's ``used/``
+        object, refreshed at most once a minute) is what ``gc`` reads as "last
+        used": it never removes a manifest, or a blob one names, that was used
+        within its grace period.
         """
         data = self.store.read_bytes(digest, DOCUMENT_LIMIT)
         document = None if data is None else parse_document(data)
