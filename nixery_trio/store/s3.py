@@ -41,7 +41,11 @@ from ..core.errors import RangeNotSatisfiable, StorageError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
-    from mypy_boto3_s3.type_defs import CompletedPartTypeDef, PutObjectOutputTypeDef
+    from mypy_boto3_s3.type_defs import (
+        CompletedPartTypeDef,
+        HeadObjectOutputTypeDef,
+        PutObjectOutputTypeDef,
+    )
 
 #: Parts of one stream sent at once (each on its own thread) while the
 #: next one fills: a stream holds this many parts plus one in memory.
@@ -270,28 +274,25 @@ class S3Bucket:
         finally:
             body.close()
 
+    def _head(self, key: str) -> HeadObjectOutputTypeDef | None:
+        with _storage_errors(f"stat of {key}"):
+            try:
+                return self._client.head_object(Bucket=self.bucket, Key=key)
+            except ClientError as exc:
+                if _missing(exc):
+                    return None
+                raise
+
     def stat(self, key: str) -> tuple[int, str] | None:
         """``(size, etag)`` of ``key``, or ``None``: whether a blob is there and how
         large (HEAD of a blob), and the ETag that :meth:`put_if_match` needs."""
-        with _storage_errors(f"stat of {key}"):
-            try:
-                reply = self._client.head_object(Bucket=self.bucket, Key=key)
-            except ClientError as exc:
-                if _missing(exc):
-                    return None
-                raise
-        return reply["ContentLength"], reply["ETag"]
+        reply = self._head(key)
+        return None if reply is None else (reply["ContentLength"], reply["ETag"])
 
     def stat_time(self, key: str) -> float | None:
         """When ``key`` was last written (Unix seconds), or ``None`` if it is not there."""
-        with _storage_errors(f"stat of {key}"):
-            try:
-                reply = self._client.head_object(Bucket=self.bucket, Key=key)
-            except ClientError as exc:
-                if _missing(exc):
-                    return None
-                raise
-        return reply["LastModified"].timestamp()
+        reply = self._head(key)
+        return None if reply is None else reply["LastModified"].timestamp()
 
     def list(self, prefix: str) -> Iterator[str]:
         """Every key under ``prefix``, in S3's (lexical) order, page by page:

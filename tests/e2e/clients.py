@@ -153,6 +153,12 @@ def start_containerd(workdir: Path) -> Containerd:
     return daemon
 
 
+#: ``podman run`` options for this sandbox: no network, and the rlimits runc
+#: would set pinned (the sandbox may not raise them).
+PODMAN_RUN = ("run", "--rm", "--network", "none",
+              "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096")  # fmt: skip
+
+
 def podman(
     workdir: Path,
     *argv: str,

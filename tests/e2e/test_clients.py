@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 
 from .clients import (
+    PODMAN_RUN,
     Containerd,
     Dockerd,
     chroot,
@@ -79,12 +80,7 @@ def test_podman_pull_and_run(server: Server) -> None:
         podman(Path(workdir), "pull", "--tls-verify=false", ref)
         images = json.loads(podman(Path(workdir), "images", "--format", "json").stdout)
         assert any(ref in name for image in images for name in image.get("Names", []))
-        # This sandbox may not raise rlimits: pin the ones runc would set.
-        result = podman(
-            Path(workdir), "run", "--rm", "--network", "none",
-            "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096",
-            ref, "/bin/sh", "-c", "hello && echo ok",
-        )  # fmt: skip
+        result = podman(Path(workdir), *PODMAN_RUN, ref, "/bin/sh", "-c", "hello && echo ok")
         assert result.stdout == "Hello, world!\nok\n"
 
 
@@ -93,8 +89,7 @@ def test_podman_runs_a_nonroot_image_as_its_user(server: Server) -> None:
     with tempfile.TemporaryDirectory(prefix="pm", dir="/tmp") as workdir:
         podman(Path(workdir), "pull", "--tls-verify=false", ref)
         result = podman(
-            Path(workdir), "run", "--rm", "--network", "none",
-            "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096",
+            Path(workdir), *PODMAN_RUN,
             ref, "/bin/sh", "-c", "id -u; id -un; echo home > ~/file && cat ~/file; pwd",
         )  # fmt: skip
         assert result.stdout.split("\n")[:3] == ["65532", "nonroot", "home"]

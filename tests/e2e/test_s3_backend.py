@@ -21,7 +21,15 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from .clients import Containerd, Dockerd, chroot, podman, skopeo_copy, umoci_unpack
+from .clients import (
+    PODMAN_RUN,
+    Containerd,
+    Dockerd,
+    chroot,
+    podman,
+    skopeo_copy,
+    umoci_unpack,
+)
 from .seaweed import ACCESS_KEY, REGION, SECRET_KEY, Seaweed, s3_settings, start_on_bucket
 from .server import Server, start_server, wait_for
 
@@ -98,11 +106,7 @@ def test_podman_pulls_through_the_redirects(s3_server: Server) -> None:
     ref = f"{s3_server.host}/shell/hello:latest"
     with tempfile.TemporaryDirectory(prefix="pm", dir="/tmp") as workdir:
         podman(Path(workdir), "pull", "--tls-verify=false", ref)
-        result = podman(
-            Path(workdir), "run", "--rm", "--network", "none",
-            "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096",
-            ref, "/bin/sh", "-c", "hello && echo ok",
-        )  # fmt: skip
+        result = podman(Path(workdir), *PODMAN_RUN, ref, "/bin/sh", "-c", "hello && echo ok")
         assert result.stdout == "Hello, world!\nok\n"
 
 

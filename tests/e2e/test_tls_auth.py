@@ -31,6 +31,7 @@ import pytest
 import trustme
 
 from .clients import (
+    PODMAN_RUN,
     Containerd,
     Dockerd,
     chroot,
@@ -49,9 +50,6 @@ MANIFESTS = ("application/vnd.oci.image.manifest.v1+json, "
              "application/vnd.docker.distribution.manifest.v2+json")  # fmt: skip
 #: What hello's own command prints.
 HELLO = "Hello, world!\n"
-#: podman runs with no network and the rlimits this sandbox allows.
-PODMAN_RUN = ("run", "--rm", "--network", "none",
-              "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096")  # fmt: skip
 
 
 def htpasswd_line(user: str, password: str) -> str:
