@@ -116,9 +116,12 @@ def start_server(
         "--popularity-url", str(DEMO / "popularity.json"),
         *source, *extra,
     ]  # fmt: skip
+    # Its metric files in the test's own directory, not a temporary one of
+    # the server's: a server a test kills with SIGKILL cannot remove that.
+    metrics = {"PROMETHEUS_MULTIPROC_DIR": str(workdir / f"metrics-{time.monotonic_ns()}")}
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=log, env=nix_env() | (env or {}),
-                                   cwd=REPO)  # fmt: skip
+        process = subprocess.Popen(argv, stdout=log, stderr=log,
+                                   env=nix_env() | metrics | (env or {}), cwd=REPO)  # fmt: skip
     server = Server(process, log_path, storage, "", ca)
 
     def started() -> str | None:

@@ -278,3 +278,16 @@ def test_settings_command_says_where_each_value_came_from(tmp_path: Path) -> Non
     assert 'workers = "3"  # --workers' in shown
     assert 'oci = "0"  # NIXERY_OCI' in shown
     assert 'drain_timeout = "30"  # default' in shown
+
+
+def test_settings_command_never_prints_the_bucket_secret(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NIX_", "NIXERY_", "AWS_"))}
+    secret = "wJalrXUtnFEMI-not-for-your-eyes"
+    shown = subprocess.run(
+        [sys.executable, "-m", "nixery_trio", "settings", "--storage-backend", "s3"],
+        capture_output=True, text=True, check=True,
+        env={**env, "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": secret},
+    ).stdout  # fmt: skip
+    assert 's3_access_key_id = "AKIDEXAMPLE"  # AWS_ACCESS_KEY_ID' in shown
+    assert 's3_secret_access_key = "(hidden)"  # AWS_SECRET_ACCESS_KEY' in shown
+    assert secret not in shown
