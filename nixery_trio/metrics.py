@@ -175,6 +175,10 @@ def route_label(path: str) -> str:
     return "other"
 
 
+# In memory until ``serve`` calls :func:`enable_multiprocess`: prometheus-client
+# picks files at import if PROMETHEUS_MULTIPROC_DIR is set, and the directory
+# an operator names may not exist yet (the server makes it).
+values.ValueClass = values.MutexValue
 #: The metrics everything counts into (replaced by :func:`enable_multiprocess`).
 METRICS = Metrics()
 

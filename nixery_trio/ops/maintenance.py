@@ -7,18 +7,24 @@ layer to check its ``diff_id``, and checks every cache record: that it is
 whole, filed under its own key, and names blobs that are stored with the
 right size (for a manifest: the manifest, its config and every layer).  With
 ``repair`` it drops what cannot be trusted: corrupt blobs, torn or dangling
-records, and temporary files older than an hour (younger ones may belong to
-a write in progress).  Blobs are checked first, so a record naming a corrupt
-blob is dropped in the same run.
+records, and what crashes left (temporary files; in a bucket, uploads never
+completed and leases nobody renews) older than an hour (younger ones may
+belong to a write in progress).  Blobs are checked first, so a record naming
+a corrupt blob is dropped in the same run.
 
 **gc** removes the least recently used blobs, and the cache records naming
 them, until the store fits ``max_size``.  A blob's "last use" is the latest
-of its own mtime and that of every manifest naming it; the server refreshes
-a manifest's mtime when it serves it.  So a layer is never older than the
-images using it, a manifest goes before its blobs, and nothing used within
-the grace period is removed: a pull that fetched its manifest keeps its
-blobs.  gc holds the store lock exclusively while it decides and deletes;
-builds hold it shared, so it is safe to run beside a serving registry.
+of its own mark of use (``Storage.used``: its mtime, or a bucket's ``used/``
+object) and that of every manifest naming it; the server marks a manifest
+when it serves it and a layer when a build reuses it.  So a layer is never
+older than the images using it, a manifest goes before its blobs, and
+nothing used within the grace period is removed: a pull that fetched its
+manifest keeps its blobs.  On the filesystem gc holds the store lock
+exclusively while it decides and deletes, and builds hold it shared; replicas
+on a bucket share no lock, so gc reads a blob's mark once more just before
+it deletes it.  Either way it is safe to run beside serving registries.
+
+Both work on either backend through ``store/storage.py``.
 """
 
 from __future__ import annotations
@@ -40,7 +46,6 @@ from ..core.errors import DigestInvalid
 from ..core.manifest import DOCUMENT_LIMIT, BlobRef, manifest_refs, parse_document
 from ..store.cache import MANIFEST_KEYS, LayerCache, ManifestCache, RecordIndex, TagCache
 from ..store.cas import CAS
-from ..store.s3store import S3Store
 from ..store.storage import Storage
 
 #: The shortest grace period ``nixery-trio gc`` accepts: a server serves a
@@ -49,7 +54,6 @@ from ..store.storage import Storage
 MIN_GRACE_SECONDS = 120
 #: Temporary files younger than this may belong to a write in progress.
 STALE_TMP_SECONDS = 3600
-_READ = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -289,9 +293,9 @@ def gc(
             if now - last_used[digest] < grace:
                 report.kept_recent = sum(1 for d in order if now - last_used[d] < grace)
                 break
-            if isinstance(store.cas, S3Store) and now - store.cas.last_use(digest) < grace:
-                # Used by a server since the listing: no lock keeps a replica
-                # from reusing a blob while gc decides, so gc asks again.
+            if now - store.cas.last_use(digest) < grace:
+                # Used by a server since the listing (a replica on a bucket,
+                # which no lock keeps from reusing a blob while gc decides).
                 report.kept_recent += 1
                 continue
             for remove in records.get(digest, []):

@@ -369,6 +369,13 @@ class CAS:
     def delete(self, digest: str) -> None:
         self.path(digest).unlink(missing_ok=True)
 
+    def last_use(self, digest: str) -> float:
+        """The blob's modification time (its last mark of use), or 0."""
+        try:
+            return self.path(digest).stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
     def used(self, digest: str) -> None:
         """Refresh the blob's modification time (gc's "last used"), at most
         once every :data:`TOUCH_INTERVAL` seconds."""

@@ -237,7 +237,8 @@ class S3Store:
 
     def last_use(self, digest: str) -> float:
         """When the blob was last marked used (0 if never), asked now: gc looks
-        again just before it deletes, in case a server used it meanwhile."""
+        again just before it deletes, in case a replica used it meanwhile
+        (the blob's own time is not asked: gc has it from its listing)."""
         found = self.bucket.stat_time(USED_PREFIX + digest_hex(parse_digest(digest)))
         return 0.0 if found is None else found
 

@@ -163,6 +163,10 @@ class Storage(Protocol):
         """Remove a blob (garbage collection); no error if it is gone."""
         ...
 
+    def last_use(self, digest: str) -> float:
+        """When the blob was last marked used, asked now (0 if never)."""
+        ...
+
     def used(self, digest: str) -> None:
         """Note that a blob was used now (a manifest served, a cached layer
         reused), for gc's "least recently used"; at most once a minute."""
