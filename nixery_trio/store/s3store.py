@@ -15,15 +15,15 @@ streamed from the one-pass writer as a multipart upload to ``uploads/``
 (its digest is known only at its end), completed, then copied inside the
 bucket to its digest's name and the upload deleted: S3 cannot rename, and
 the copy does not send the bytes through the registry.  A crash leaves at
-worst an upload or an ``uploads/`` object, which ``gc`` removes.
+worst an upload or an ``uploads/`` object, which ``fsck --repair`` removes.
 
 What stays on the local disk (``STORAGE_PATH``) is each replica's own: the
 lock files its workers share, the activity board, the quota counts.
 
 The sizes of blobs seen present are remembered for :data:`SIZE_SECONDS`:
 blobs never change, and a warm manifest check, or a blob request, then
-costs no round trip.  Only ``gc`` deletes a blob, and only one that no
-record has named for its grace period.
+costs no round trip.  Only ``gc`` deletes a sound blob, and only one unused
+for its grace period (two minutes at least), well beyond those seconds.
 """
 
 from __future__ import annotations
