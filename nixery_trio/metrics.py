@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -35,6 +35,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .core.progress import BuildProgress
 from .core.routes import kind_of
 from .store.inventory import blob_totals
 from .store.storage import Storage
@@ -116,12 +117,6 @@ PHASES = ("queued", "nix", "layering", "layers")
 _ENDS = {"done": "succeeded", "failed": "failed", "cancelled": "cancelled"}
 
 
-class Progress(Protocol):
-    """What :class:`BuildObserver` reads of ``builder.BuildProgress``."""
-
-    phase: str
-
-
 class BuildObserver:
     """A builder progress hook: build counts, phase durations and the gauges
     of builds queued and in flight, from each build's phase changes."""
@@ -130,7 +125,7 @@ class BuildObserver:
         #: id of a build's progress -> (its phase, since when, when Nix started or 0)
         self._builds: dict[int, tuple[str, float, float]] = {}
 
-    def __call__(self, progress: Progress) -> None:
+    def __call__(self, progress: BuildProgress) -> None:
         phase, now, key = progress.phase, time.monotonic(), id(progress)
         seen = self._builds.get(key)
         if seen is None:

@@ -59,6 +59,7 @@ from ..core.digest import sha256_digest
 from ..core.errors import ManifestUnknown, RegistryError, TooManyRequests
 from ..core.image import Arch, Image, parse_image
 from ..core.layers import Layer, group_layers
+from ..core.progress import BuildProgress, ProgressHook
 from ..store.leases import BuildLeases
 from ..store.locks import BuildSlots, KeyLocks
 from ..store.s3store import S3Store
@@ -254,35 +255,6 @@ class Manifest:
     @property
     def size(self) -> int:
         return len(self.data)
-
-
-@dataclass
-class BuildProgress:
-    """Where one platform's image build stands, for whoever watches builds.
-
-    ``phase`` is ``queued`` (waiting for a build slot), ``nix``,
-    ``layering``, ``layers`` (writing ``layers_total`` layers, of which
-    ``layers_cached`` were already stored), then ``done``, or ``failed``
-    (with the ``error`` its clients get; ``None`` for an unexpected one) or
-    ``cancelled`` (nobody waited for it, or the server stopped); ``bytes``
-    counts the compressed bytes of the layers written so far, ``started`` is
-    the Unix time the build was asked for.
-    """
-
-    image: str
-    tag: str
-    platform: str
-    phase: str = "queued"
-    layers_total: int = 0
-    layers_cached: int = 0
-    layers_written: int = 0
-    bytes: int = 0
-    started: float = dataclasses.field(default_factory=time.time)
-    error: RegistryError | None = None
-
-
-#: Called with a build's progress each time it moves on (on the event loop).
-ProgressHook = Callable[[BuildProgress], None]
 
 
 @dataclass(frozen=True)

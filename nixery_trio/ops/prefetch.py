@@ -23,12 +23,13 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from ..build.builder import Builder, BuildProgress, ImageManifests
+from ..build.builder import Builder, ImageManifests
 from ..build.sources import LATEST
 from ..config import Config
 from ..core.errors import RegistryError
 from ..core.image import validate_name
 from ..core.manifest import Format
+from ..core.progress import BuildProgress
 from ..store.storage import open_storage
 
 #: Seconds between two redraws of the progress table.

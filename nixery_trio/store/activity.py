@@ -35,13 +35,13 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import msgpack
 import trio
 
 from .. import logs
-from ..core.errors import RegistryError
+from ..core.progress import BuildProgress
 from .cas import replace_file
 
 #: Seconds between two writes of a process's board (a build's progress in
@@ -58,31 +58,6 @@ RECORD_LIMIT = 64 * 1024
 MESSAGE_LIMIT = 4096
 #: Phases in which a build has ended.
 ENDED = ("done", "failed")
-
-
-class Progress(Protocol):
-    """What the board reads of a build's progress (``builder.BuildProgress``)."""
-
-    @property
-    def image(self) -> str: ...
-    @property
-    def tag(self) -> str: ...
-    @property
-    def platform(self) -> str: ...
-    @property
-    def phase(self) -> str: ...
-    @property
-    def layers_total(self) -> int: ...
-    @property
-    def layers_cached(self) -> int: ...
-    @property
-    def layers_written(self) -> int: ...
-    @property
-    def bytes(self) -> int: ...
-    @property
-    def started(self) -> float: ...
-    @property
-    def error(self) -> RegistryError | None: ...
 
 
 @dataclass(frozen=True)
@@ -251,7 +226,7 @@ class ActivityBoard:
         self._wake = trio.Event()
         self._warned = False
 
-    def report(self, progress: Progress) -> None:
+    def report(self, progress: BuildProgress) -> None:
         """Remember where a build stands, for the next write (a progress hook)."""
         key = id(progress)
         name = self._names.get(key)
@@ -273,7 +248,7 @@ class ActivityBoard:
             self._dirty[name] = self._activity(progress)
         self._wake.set()
 
-    def _activity(self, progress: Progress) -> Activity:
+    def _activity(self, progress: BuildProgress) -> Activity:
         code = message = ""
         if progress.error is not None:
             public = progress.error.public_json(self._package_set)

@@ -15,8 +15,8 @@ import msgpack
 import pytest
 import trio
 
-from nixery_trio.build.builder import BuildProgress
 from nixery_trio.core.errors import BuildFailed, ManifestUnknown
+from nixery_trio.core.progress import BuildProgress
 from nixery_trio.store import activity
 from nixery_trio.store.activity import (
     Activity,

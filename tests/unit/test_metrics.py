@@ -3,11 +3,10 @@ workers is tests/e2e/test_metrics.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 
 from nixery_trio import metrics
+from nixery_trio.core.progress import BuildProgress
 
 
 @pytest.fixture(autouse=True)
@@ -21,14 +20,13 @@ def sample(name: str, **labels: str) -> float | None:
     return metrics.METRICS.registry.get_sample_value(name, labels)
 
 
-@dataclass
-class Progress:
-    phase: str = "queued"
+def queued() -> BuildProgress:
+    return BuildProgress("hello", "latest", "linux/amd64")
 
 
 def test_a_build_is_counted_through_its_phases() -> None:
     observe = metrics.BuildObserver()
-    build = Progress()
+    build = queued()
     observe(build)
     assert sample("nixery_builds_queued") == 1
     for phase in ("nix", "layering", "layers", "layers", "done"):
@@ -47,14 +45,14 @@ def test_a_build_is_counted_through_its_phases() -> None:
 
 def test_a_build_dropped_from_the_queue_never_started() -> None:
     observe = metrics.BuildObserver()
-    build = Progress()
+    build = queued()
     observe(build)
     build.phase = "cancelled"
     observe(build)
     assert sample("nixery_builds_queued") == 0
     assert sample("nixery_builds_total", outcome="started") == 0
     assert sample("nixery_builds_total", outcome="cancelled") == 0
-    failed = Progress()
+    failed = queued()
     observe(failed)
     for phase in ("nix", "failed"):
         failed.phase = phase
