@@ -167,7 +167,7 @@ async def send_bucket_blob(
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
         return
-    chunks = store.chunks(digest, reply.first, reply.first + reply.length - 1)
+    chunks = store.stream(digest, reply.first, reply.first + reply.length - 1)
     try:
         chunk = await trio.to_thread.run_sync(next, chunks, b"")
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})

@@ -27,7 +27,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -202,8 +202,6 @@ class CAS:
     """Blobs on disk, named by their SHA-256 digest: the ``filesystem`` backend
     of :class:`~nixery_trio.store.storage.Storage`."""
 
-    backend = "filesystem"
-
     def __init__(self, root: Path) -> None:
         self.root = root
         self.blob_dir = root / "blobs" / "sha256"
@@ -329,26 +327,24 @@ class CAS:
             return None
         return data if len(data) <= limit else None
 
-    def read_range(self, digest: str, first: int, last: int) -> bytes:
-        """Bytes ``first`` to ``last`` (both included) of a blob."""
+    def stream(
+        self, digest: str, first: int = 0, last: int | None = None
+    ) -> Generator[bytes, None, None]:
         try:
-            with open(self.path(digest), "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if not 0 <= first <= last < size:
-                    raise RangeNotSatisfiable(f"bytes {first}-{last} are outside {digest}")
-                return os.pread(f.fileno(), last - first + 1, first)
+            f = open(self.path(digest), "rb", buffering=0)  # noqa: SIM115 - closed below
         except FileNotFoundError:
             raise BlobUnknown(f"blob {digest} is not stored", {"digest": digest}) from None
-
-    def digests(self) -> Iterator[str]:
-        """Every stored digest."""
-        for entry in os.scandir(self.blob_dir):
-            yield "sha256:" + entry.name
-
-    def stream(self, digest: str) -> Iterator[bytes]:
-        with open(self.path(digest), "rb", buffering=0) as f:
-            while chunk := f.read(STREAM_CHUNK):
+        with f:
+            fd = f.fileno()
+            size = os.fstat(fd).st_size
+            if last is None:
+                last = size - 1
+            elif not 0 <= first <= last < size:
+                raise RangeNotSatisfiable(f"bytes {first}-{last} are outside {digest}")
+            while first <= last and (chunk := os.pread(fd, min(STREAM_CHUNK, last + 1 - first),
+                                                       first)):  # fmt: skip
                 yield chunk
+                first += len(chunk)
 
     def blob_entries(self) -> Iterator[BlobEntry]:
         for entry in os.scandir(self.blob_dir):

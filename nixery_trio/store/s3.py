@@ -56,7 +56,7 @@ PARTS_IN_FLIGHT = 2
 PART_SIZE = 8 << 20
 #: S3's smallest part (every part but the last).
 MIN_PART_SIZE = 5 << 20
-#: Bytes per read of a blob proxied through the registry.
+#: Bytes per read of an object read in chunks (:meth:`S3Bucket.open_range`).
 PROXY_CHUNK = 1 << 20
 #: The largest object one ``CopyObject`` copies; a larger one is copied in parts.
 COPY_LIMIT = 5 << 30
@@ -237,32 +237,22 @@ class S3Bucket:
                     return None
                 raise
 
-    def get_range(self, key: str, first: int, last: int) -> bytes:
-        """Bytes ``first`` to ``last`` (both included, as in HTTP's ``Range``).
-
-        For a blob served through the registry rather than by redirect.  A
-        range past the end raises :class:`RangeNotSatisfiable`; a missing
-        object is a :class:`StorageError`, since the caller found it first.
-        """
+    def open_range(self, key: str, first: int, last: int) -> Generator[bytes, None, None]:
+        """Bytes ``first`` to ``last`` of ``key`` (both included, as in HTTP's
+        ``Range``), as chunks read one at a time (each ``next`` blocks): a blob
+        re-hashed by fsck, or proxied through the registry, without holding
+        more than a chunk of it.  A range past the end raises
+        :class:`RangeNotSatisfiable`; a missing object is a
+        :class:`StorageError`, since the caller found it first."""
         with _storage_errors(f"ranged get of {key}"):
             try:
                 reply = self._client.get_object(
                     Bucket=self.bucket, Key=key, Range=f"bytes={first}-{last}"
                 )
-                return reply["Body"].read()
             except ClientError as exc:
                 if _status(exc) == 416:
                     raise RangeNotSatisfiable(f"bytes {first}-{last} are outside {key}") from exc
                 raise
-
-    def open_range(self, key: str, first: int, last: int) -> Generator[bytes, None, None]:
-        """Bytes ``first`` to ``last`` of ``key``, as chunks read one at a time
-        (each ``next`` blocks): a blob proxied through the registry without
-        holding more than a chunk of it."""
-        with _storage_errors(f"ranged get of {key}"):
-            reply = self._client.get_object(
-                Bucket=self.bucket, Key=key, Range=f"bytes={first}-{last}"
-            )
         body = reply["Body"]
         try:
             while True:

@@ -123,8 +123,6 @@ class S3Store:
     """Blobs and records in an S3 bucket: the ``s3`` backend of
     :class:`~nixery_trio.store.storage.Storage`."""
 
-    backend = "s3"
-
     def __init__(self, bucket: S3Bucket, local: Path) -> None:
         self.bucket = bucket
         self.local = local
@@ -197,32 +195,23 @@ class S3Store:
             return None
         return self.bucket.get(blob_key(digest))
 
-    def read_range(self, digest: str, first: int, last: int) -> bytes:
-        size = self.size(digest)
-        if size is None:
-            raise BlobUnknown(f"blob {digest} is not stored", {"digest": digest})
-        if not 0 <= first <= last < size:
-            raise RangeNotSatisfiable(f"bytes {first}-{last} are outside {digest}")
-        return self.bucket.get_range(blob_key(digest), first, last)
-
-    def chunks(self, digest: str, first: int, last: int) -> Generator[bytes, None, None]:
-        """Bytes ``first`` to ``last`` of a blob, a chunk per ``next`` (proxying)."""
-        return self.bucket.open_range(blob_key(digest), first, last)
-
     def presigned(self, digest: str, seconds: int) -> str:
         """A URL that fetches the blob, with no credentials, for ``seconds``."""
         return self.bucket.presigned_get(blob_key(digest), seconds)
 
-    def digests(self) -> Iterator[str]:
-        for key in self.bucket.list(BLOB_PREFIX):
-            yield "sha256:" + key[len(BLOB_PREFIX) :]
-
-    def stream(self, digest: str) -> Iterator[bytes]:
+    def stream(
+        self, digest: str, first: int = 0, last: int | None = None
+    ) -> Generator[bytes, None, None]:
         size = self.size(digest)
         if size is None:
             raise BlobUnknown(f"blob {digest} is not stored", {"digest": digest})
-        if size:  # a range of an empty object is not satisfiable
-            yield from self.chunks(digest, 0, size - 1)
+        if last is None:
+            if not size:  # a range of an empty object is not satisfiable
+                return
+            last = size - 1
+        elif not 0 <= first <= last < size:
+            raise RangeNotSatisfiable(f"bytes {first}-{last} are outside {digest}")
+        yield from self.bucket.open_range(blob_key(digest), first, last)
 
     def blob_entries(self) -> Iterator[BlobEntry]:
         """Each blob, its last use the later of its own time and its mark's."""

@@ -23,7 +23,7 @@ A store holds two kinds of things:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 #: The record namespaces the caches use (``cache.py``).
 RECORD_KINDS = ("layers", "manifests", "tags")
-#: Bytes per chunk of a blob read whole (:meth:`Storage.stream`).
+#: Bytes per chunk of a blob read by :meth:`Storage.stream`.
 STREAM_CHUNK = 1 << 20
 
 
@@ -105,8 +105,6 @@ class RecordFiles(Protocol):
 class Storage(Protocol):
     """A store of blobs and records: the filesystem CAS or an S3 bucket."""
 
-    #: ``filesystem`` or ``s3``: the name ``NIXERY_STORAGE_BACKEND`` gives it.
-    backend: str
     #: Builds (shared) against a local gc (exclusive); see :class:`StoreLock`.
     lock: StoreLock
 
@@ -136,18 +134,14 @@ class Storage(Protocol):
         """A small blob's bytes, or ``None`` if missing or over ``limit``."""
         ...
 
-    def read_range(self, digest: str, first: int, last: int) -> bytes:
-        """Bytes ``first`` to ``last`` of a blob, both included (as HTTP's
-        ``Range``): :class:`~nixery_trio.core.errors.BlobUnknown` if the
-        blob is missing, ``RangeNotSatisfiable`` past its end."""
-        ...
-
-    def stream(self, digest: str) -> Iterator[bytes]:
-        """A whole blob, a chunk at a time (fsck re-hashes every blob so)."""
-        ...
-
-    def digests(self) -> Iterator[str]:
-        """Every stored blob's digest."""
+    def stream(
+        self, digest: str, first: int = 0, last: int | None = None
+    ) -> Generator[bytes, None, None]:
+        """A blob, or its bytes ``first`` to ``last`` (both included, as HTTP's
+        ``Range``), a chunk at a time: fsck re-hashes every blob so, a bucket
+        proxies one so.  Raises (at the first ``next``)
+        :class:`~nixery_trio.core.errors.BlobUnknown` if the blob is missing,
+        ``RangeNotSatisfiable`` for a range past its end."""
         ...
 
     def blob_entries(self) -> Iterator[BlobEntry]:

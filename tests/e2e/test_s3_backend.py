@@ -223,7 +223,7 @@ def test_fsck_and_gc_on_the_bucket(seaweed: Seaweed, tmp_path: Path) -> None:
 
     report = maintenance.gc(store, 0, grace=120, now=time.time() + 3600)
     assert report.removed and report.size_after == 0
-    assert list(store.digests()) == []
+    assert list(store.blob_entries()) == []
     assert nixery("fsck", seaweed, bucket, local).returncode == 0
     with start_on_bucket(tmp_path / "again", seaweed, bucket) as server:
         skopeo_copy(server.host, "hello:latest", tmp_path / "oci")

@@ -69,6 +69,11 @@ def leftovers(store: Storage) -> list[str]:
     return keys + [f"upload of {upload['Key']}" for upload in uploads]
 
 
+def stored(store: Storage) -> list[str]:
+    """The digests of every blob in the store."""
+    return ["sha256:" + entry.name for entry in store.blob_entries()]
+
+
 def pattern(size: int, seed: int = 0) -> bytes:
     """``size`` bytes that differ from block to block (so no compression or
     deduplication makes a mistake look right)."""
@@ -93,7 +98,7 @@ def test_a_streamed_blob_reads_back_whole(storage: Storage, size: int) -> None:
     digest = stream(storage, data)
     assert storage.size(digest) == size
     assert storage.read_bytes(digest, size) == data
-    assert list(storage.digests()) == [digest]
+    assert list(stored(storage)) == [digest]
     assert leftovers(storage) == []
 
 
@@ -103,7 +108,7 @@ def test_a_blob_is_invisible_until_committed(storage: Storage) -> None:
     with storage.writer() as blob:
         blob.write(data)
         assert storage.size(digest) is None
-        assert list(storage.digests()) == []
+        assert list(stored(storage)) == []
         blob.commit(digest)
     assert storage.size(digest) == len(data)
 
@@ -115,7 +120,7 @@ def test_a_writer_left_without_commit_leaves_nothing(storage: Storage, size: int
         raise RuntimeError("the layer writer failed")
     with storage.writer() as blob:
         blob.write(pattern(size))  # and one simply not committed
-    assert list(storage.digests()) == []
+    assert list(stored(storage)) == []
     assert leftovers(storage) == []
 
 
@@ -124,7 +129,7 @@ def test_small_blobs(storage: Storage) -> None:
     digests = storage.put_many(documents)
     assert digests == [sha256_digest(d) for d in documents]
     assert storage.put_bytes(b'{"config": 1}') == digests[0]
-    assert sorted(storage.digests()) == sorted(set(digests))
+    assert sorted(stored(storage)) == sorted(set(digests))
     assert storage.read_bytes(digests[1], limit=100) == b'{"manifest": 2}'
     assert storage.read_bytes(digests[1], limit=5) is None  # over the limit
     missing = sha256_digest(b"never stored")
@@ -137,11 +142,13 @@ def test_ranges(storage: Storage) -> None:
     digest = stream(storage, data)
     for first, last in [(0, 0), (0, len(data) - 1), (5, 5000), (8 * MiB - 3, 8 * MiB + 3),
                         (len(data) - 1, len(data) - 1)]:  # fmt: skip
-        assert storage.read_range(digest, first, last) == data[first : last + 1]
+        assert b"".join(storage.stream(digest, first, last)) == data[first : last + 1]
     with pytest.raises(RangeNotSatisfiable):
-        storage.read_range(digest, len(data), len(data) + 10)
+        b"".join(storage.stream(digest, len(data), len(data) + 10))
     with pytest.raises(BlobUnknown):
-        storage.read_range(sha256_digest(b"never stored"), 0, 1)
+        b"".join(storage.stream(sha256_digest(b"never stored"), 0, 1))
+    with pytest.raises(BlobUnknown):
+        b"".join(storage.stream(sha256_digest(b"never stored")))
 
 
 def test_delete(storage: Storage) -> None:
@@ -150,7 +157,7 @@ def test_delete(storage: Storage) -> None:
     storage.delete(drop)  # gone already: no error
     assert storage.size(drop) is None
     assert storage.read_bytes(drop, 100) is None
-    assert list(storage.digests()) == [keep]
+    assert list(stored(storage)) == [keep]
     # Stored again after a delete, it is there again.
     storage.put_bytes(b"drop")
     assert storage.size(drop) == 4
@@ -248,7 +255,7 @@ def test_listing_and_streaming_blobs(storage: Storage) -> None:
     assert b"".join(storage.stream(empty)) == b""
     entries[small[7:]].remove()
     assert storage.size(small) is None
-    assert sorted(storage.digests()) == sorted([large, empty])
+    assert sorted(stored(storage)) == sorted([large, empty])
 
 
 def test_use_marks_move_last_use_forward(storage: Storage) -> None:
