@@ -40,7 +40,7 @@ from . import config as settings
 from . import logs, metrics
 from .build.builder import Builder
 from .build.sources import LATEST
-from .config import Config, make_config
+from .config import Config, S3Settings, make_config
 from .core.errors import ConfigError, StorageError
 from .core.popularity import parse_popularity
 from .http import httpserver, supervisor
@@ -311,31 +311,34 @@ def _config(command: str, raw: dict[str, Any]) -> Config:
         raise click.ClickException(str(exc)) from exc
 
 
-def _store(raw: dict[str, Any], *, must_exist: bool = True) -> Path:
-    """The store's directory for the store commands (only import may make it)."""
+def _store_settings(raw: dict[str, Any]) -> tuple[Path, S3Settings | None]:
+    """Where the store commands find the store: its directory, and the bucket
+    of the s3 backend."""
+    loaded = _load("store", raw)
     try:
-        values = _load("store", raw).values
-        storage = settings.storage_path(values)
+        return settings.store_settings(loaded.values, loaded.origins)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    if (values.get("storage_backend") or "filesystem") != "filesystem":
+
+
+def _store(raw: dict[str, Any], *, must_exist: bool = True) -> Path:
+    """The directory of a filesystem store, for export and import (only import
+    may make it)."""
+    path, s3 = _store_settings(raw)
+    if s3 is not None:
         command = click.get_current_context().info_name
         raise click.ClickException(
-            f"nixery-trio {command} works on the filesystem backend only; this store is "
-            f"{values.get('storage_backend')!r}"
+            f"nixery-trio {command} works on the filesystem backend only; this store is the "
+            f"bucket {s3.bucket}"
         )
-    if must_exist and not storage.is_dir():
-        raise click.ClickException(f"{storage} is not a directory")
-    return storage
+    if must_exist and not path.is_dir():
+        raise click.ClickException(f"{path} is not a directory")
+    return path
 
 
 def _storage(raw: dict[str, Any]) -> Storage:
-    """The store of fsck and gc, on either backend."""
-    loaded = _load("store", raw)
-    try:
-        path, s3 = settings.store_settings(loaded.values, loaded.origins)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
+    """The store of ls, fsck and gc, on either backend."""
+    path, s3 = _store_settings(raw)
     if s3 is None and not path.is_dir():
         raise click.ClickException(f"{path} is not a directory")
     return open_storage(path, s3)

@@ -160,6 +160,10 @@ class FastLane:
         self.sendfile = builder.config.blob_sendfile
         s3 = builder.config.s3
         self.presign_seconds = s3.presign_seconds if s3 and s3.presigned_urls else None
+        # Where blobs come from, decided once: files to sendfile, or a bucket.
+        store = builder.store
+        self.files = store if isinstance(store, CAS) else None
+        self.bucket = store if isinstance(store, S3Store) else None
         self.package_set = package_set_path(builder)
         self._common = [
             (API_VERSION_HEADER[0].encode(), API_VERSION_HEADER[1].encode()),
@@ -199,19 +203,17 @@ class FastLane:
         head = scope["method"] == "HEAD"
         if route.kind is Kind.BLOB:
             range_header = _header(scope, b"range")
-            store = self.builder.store
-            if isinstance(store, S3Store):
+            if self.bucket is not None:
                 try:
-                    await send_bucket_blob(store, route.reference, head, range_header, send,
-                                           self._common, self.presign_seconds)  # fmt: skip
+                    await send_bucket_blob(self.bucket, route.reference, head, range_header,
+                                           send, self._common, self.presign_seconds)  # fmt: skip
                 except RegistryError as exc:
                     await self._send_error(exc, send)
                 return True
-            assert isinstance(store, CAS)
-            if not self.sendfile or ZEROCOPYSEND not in scope["extensions"]:
+            if self.files is None or not self.sendfile or ZEROCOPYSEND not in scope["extensions"]:
                 return False
             try:
-                await send_blob(store, route.reference, head, range_header, send,
+                await send_blob(self.files, route.reference, head, range_header, send,
                                 self._common)  # fmt: skip
             except RegistryError:
                 return False  # nothing sent yet: Quart answers the error

@@ -248,3 +248,14 @@ def test_the_page_metrics_and_ls_see_the_bucket(
     metrics = httpx.get(f"{s3_server.url}/metrics", timeout=30).text
     blobs = [line for line in metrics.splitlines() if line.startswith("nixery_store_blobs ")]
     assert blobs and float(blobs[0].split()[1]) > 0
+
+
+def test_export_and_import_refuse_a_bucket(seaweed: Seaweed, bucket: str, tmp_path: Path) -> None:
+    (tmp_path / "in.tar").write_bytes(b"")  # the bundle must exist for click to go on
+    for command, args in (("export", ("-o", str(tmp_path / "out.tar"))),
+                          ("import", (str(tmp_path / "in.tar"),))):  # fmt: skip
+        refused = nixery(command, seaweed, bucket, tmp_path / "ops", *args)
+        assert refused.returncode == 1
+        assert f"works on the filesystem backend only; this store is the bucket {bucket}" in (
+            refused.stderr
+        )
