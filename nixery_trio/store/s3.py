@@ -229,13 +229,8 @@ class S3Bucket:
     def get(self, key: str) -> bytes | None:
         """The whole object, or ``None`` if there is none: for small records
         (manifests, index entries, leases) read in one go."""
-        with _storage_errors(f"get of {key}"):
-            try:
-                return self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-            except ClientError as exc:
-                if _missing(exc):
-                    return None
-                raise
+        found = self.get_tagged(key)
+        return None if found is None else found[0]
 
     def open_range(self, key: str, first: int, last: int) -> Generator[bytes, None, None]:
         """Bytes ``first`` to ``last`` of ``key`` (both included, as in HTTP's
