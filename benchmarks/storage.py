@@ -27,10 +27,16 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 from nixery_trio.store.s3 import PARTS_IN_FLIGHT
-from tests.e2e.seaweed import ACCESS_KEY, REGION, SECRET_KEY, Seaweed, start_seaweed
+from tests.e2e.seaweed import (
+    ACCESS_KEY,
+    REGION,
+    SECRET_KEY,
+    Seaweed,
+    start_seaweed,
+    weed_binary,
+)
 
 from .builds import cold_build
 from .common import (
@@ -86,7 +92,7 @@ def _run(ctx: Context, seaweed: Seaweed) -> list[Section]:
     bucket = ""
     for n in range(runs):
         for backend in ("filesystem", "s3"):  # alternated: drift hits both sides
-            extra, env = ["--workers", "1"], {}
+            extra, env = ["--workers", "1"], dict[str, str]()
             if backend == "s3":
                 bucket = seaweed.create_bucket()
                 flags, env = _s3(seaweed, bucket)
@@ -100,9 +106,9 @@ def _run(ctx: Context, seaweed: Seaweed) -> list[Section]:
     fs_time, s3_time = (statistics.median(times[b]) for b in ("filesystem", "s3"))
     fs_rss, s3_rss = (statistics.median(peaks[b]) for b in ("filesystem", "s3"))
     fs_store = ctx.workdir / f"cold-storage-filesystem-{runs - 1}"
-    gets = _blob_gets(ctx, seaweed, fs_store, bucket, image, pkgs)
+    gets, largest = _blob_gets(ctx, seaweed, fs_store, bucket, image, pkgs)
     ours_layers = statistics.median(layer_times)
-    uploads = [_managed_upload(seaweed, fs_store, gets["digest"]) for _ in range(runs)]
+    uploads = [_managed_upload(seaweed, fs_store, largest) for _ in range(runs)]
     upload = statistics.median(uploads)
     rows = [
         ["", "filesystem", "s3 (SeaweedFS)", "ratio"],
@@ -140,7 +146,7 @@ def _run(ctx: Context, seaweed: Seaweed) -> list[Section]:
     ]  # fmt: skip
     text = (
         f"The `s3` backend against the `filesystem` backend on the same machine, in the same "
-        f"run; the bucket is SeaweedFS {_weed_version(seaweed)} (`weed mini`) on 127.0.0.1, "
+        f"run; the bucket is SeaweedFS {_weed_version()} (`weed mini`) on 127.0.0.1, "
         "writing to the same disk. Cold builds alternate between a fresh bucket and a fresh "
         "directory, each with a freshly started one-worker server. The blob GETs fetch the "
         f"image's largest layer with {STREAMS} curl processes; through the bucket, each "
@@ -160,8 +166,8 @@ def _list(values: list[float]) -> str:
     return ", ".join(f"{v:.2f}" for v in values)
 
 
-def _weed_version(seaweed: Seaweed) -> str:
-    argv = [str(Path(seaweed.process.args[0])), "version"]  # type: ignore[index]
+def _weed_version() -> str:
+    argv = [str(weed_binary()), "version"]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     words = done.stdout.split()
     return words[2] if len(words) > 2 else "?"
@@ -196,13 +202,14 @@ def _managed_upload(seaweed: Seaweed, fs_store: Path, digest: str) -> float:
 
 def _blob_gets(
     ctx: Context, seaweed: Seaweed, fs_store: Path, bucket: str, image: str, pkgs: Path
-) -> dict[str, Any]:
-    """(bytes per second, registry CPU seconds per GB) of each backend's blob GETs,
-    and the ``digest`` fetched."""
-    results: dict[str, Any] = {}
+) -> tuple[dict[str, tuple[float, float]], str]:
+    """(bytes per second, registry CPU seconds per GB) of each backend's blob
+    GETs, and the digest of the layer they fetched."""
+    results: dict[str, tuple[float, float]] = {}
+    digest = ""
     for backend in ("filesystem", "s3"):
         port = free_port()
-        extra, env = ["--workers", "1"], {}
+        extra, env = ["--workers", "1"], dict[str, str]()
         if backend == "s3":
             flags, env = _s3(seaweed, bucket)
             extra += flags
@@ -228,5 +235,4 @@ def _blob_gets(
             used = cpu_seconds(pids) - cpu
         total = size * per_stream * STREAMS
         results[backend] = (total / elapsed, used / (total / 1e9))
-        results["digest"] = digest
-    return results
+    return results, digest
