@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import blake3
 import pytest
 
 from nixery_trio import config as settings
@@ -99,6 +100,38 @@ def test_path_source_key_follows_file_contents(tmp_path: Path) -> None:
     assert source.cache_key("latest") not in (first, second)
     (tmp_path / "pkg.nix").unlink()
     assert source.cache_key("latest") == first
+
+
+def test_path_source_key_covers_the_tree_as_it_always_did(tmp_path: Path) -> None:
+    """Nested files count, in a fixed order; ``.git`` and links to directories
+    do not; a link counts by its target's name.  The key is the one the
+    earlier ``os.walk`` code computed, so an upgrade keeps every cached image."""
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "c").mkdir()
+    (tmp_path / "b" / "c" / "deep.nix").write_text("deep")
+    (tmp_path / "b" / "z.nix").write_text("z")
+    (tmp_path / "a.nix").write_text("a")
+    (tmp_path / "run.sh").write_text("#!/bin/sh")
+    (tmp_path / "run.sh").chmod(0o755)
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    (tmp_path / "linked-dir").symlink_to(tmp_path / "b")
+    (tmp_path / "link.nix").symlink_to("a.nix")
+    tree = blake3.blake3()
+    for rel, digest in [
+        ("a.nix", b"F" + blake3.blake3(b"a").digest()),
+        ("link.nix", b"La.nix"),
+        ("run.sh", b"X" + blake3.blake3(b"#!/bin/sh").digest()),
+        ("b/z.nix", b"F" + blake3.blake3(b"z").digest()),
+        ("b/c/deep.nix", b"F" + blake3.blake3(b"deep").digest()),
+    ]:
+        tree.update(rel.encode() + b"\0" + digest + b"\0")
+    source = PathSource(tmp_path)
+    assert source.cache_key("latest") == "path:" + tree.hexdigest()
+    (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/other")
+    assert source.cache_key("latest") == "path:" + tree.hexdigest()
+    (tmp_path / "b" / "c" / "deep.nix").write_text("deeper")
+    assert source.cache_key("latest") != "path:" + tree.hexdigest()
 
 
 def test_platforms_in_order() -> None:
