@@ -89,9 +89,9 @@ from typing import Protocol
 import zstandard
 from isal import isal_zlib
 
-from ..store.storage import Storage
 from ..core.manifest import LayerBlob
 from ..core.rootfs import root_entries
+from ..store.storage import Storage
 
 #: Bytes of tar stream per deflate block.  Part of the output format: the
 #: gzip bytes (and so every layer digest) depend on it.
@@ -642,12 +642,16 @@ def write_layer(
     *,
     deflate: Deflate | None = None,
     compression: str = "gzip",
+    ready: Callable[[LayerBlob], object] | None = None,
 ) -> LayerBlob:
     """Stream ``entries`` as a compressed tar into the store; return the blob.
 
     ``deflate`` says how to compress; ``level`` alone means the default
     engine at that level, on one thread.  ``compression`` is ``gzip`` or
-    ``zstd``.
+    ``zstd``.  ``ready`` is told the blob as soon as its digest is known,
+    before it is made durable and named in the store (which, for a large
+    layer or a bucket, takes a while): the builder writes the image's config
+    and manifests meanwhile.
     """
     if deflate is None:
         deflate = Deflate() if level is None else Deflate(level=level)
@@ -655,5 +659,7 @@ def write_layer(
         raise ValueError("give the level in deflate, not both")
     with cas.writer() as blob:
         layer = write_layer_to(blob, entries, deflate, compression)
+        if ready is not None:
+            ready(layer)
         blob.commit(layer.digest)
     return layer

@@ -49,21 +49,12 @@ from typing import Generic, TypeVar
 
 import trio
 
-from . import archive, nix
-
 from .. import logs, metrics
-from ..store.cache import MANIFEST_KEYS, LayerCache, ManifestCache, RecordIndex, TagCache
-from ..store.storage import Storage
 from ..config import Config
 from ..core.digest import sha256_digest
 from ..core.errors import ManifestUnknown, RegistryError, TooManyRequests
 from ..core.image import Arch, Image, parse_image
 from ..core.layers import Layer, group_layers
-from ..core.progress import BuildProgress, ProgressHook
-from ..store.leases import BuildLeases
-from ..store.locks import BuildSlots, KeyLocks
-from ..store.s3store import S3Store
-from ..store.quota import ColdBuildQuota
 from ..core.manifest import (
     DOCUMENT_LIMIT,
     OCI_MANIFEST,
@@ -79,7 +70,15 @@ from ..core.manifest import (
     negotiate,
     parse_document,
 )
+from ..core.progress import BuildProgress, ProgressHook
 from ..core.rootfs import user
+from ..store.cache import MANIFEST_KEYS, LayerCache, ManifestCache, RecordIndex, TagCache
+from ..store.leases import BuildLeases
+from ..store.locks import BuildSlots, KeyLocks
+from ..store.quota import ColdBuildQuota
+from ..store.s3store import S3Store
+from ..store.storage import Storage
+from . import archive, nix
 from .sources import COMMIT, LATEST, GitSource, PathSource
 
 T = TypeVar("T")
@@ -114,6 +113,9 @@ SOURCE_KEY_SECONDS = 1.0
 #: second per tag.  (A path source then only stats its files; one whose files
 #: changed hashes them, and the time that took sends the next key to a thread.)
 INLINE_KEY_SECONDS = 0.001
+#: Seconds a tag record waits before it is written: the response that served
+#: the tag goes out first, and tags served meanwhile share one thread hop.
+TAG_RECORD_DELAY = 0.02
 
 
 class Flight(Generic[T]):
@@ -198,6 +200,13 @@ def _layer_key(image: Image, layer: Layer) -> str:
 
 def _forest_key(image: Image, forest: str) -> str:
     return f"forest:{IMAGE_LAYOUT}:{':'.join(image.variant)}:{forest}"
+
+
+#: Told a new layer's blob from the thread writing it, once its digest is known.
+LayerReady = Callable[[LayerBlob], object]
+#: A tag record to write: name, tag, its manifests' digests, whether they are
+#: indexes, and the platforms.
+_PendingTag = tuple[str, str, dict[Format, str], bool, list[str]]
 
 
 def _tag_key(name: str, tag: str) -> str:
@@ -345,7 +354,9 @@ class Builder:
         self._nursery = nursery
         #: What this process last recorded per name:tag (see _record_tag).
         self._recorded_tags: dict[str, dict[Format, str]] = {}
-        self._recording = 0
+        #: Tag records not yet written, and whether a task is writing them.
+        self._pending_tags: dict[str, _PendingTag] = {}
+        self._writing_tags = False
         self._images: SingleFlight[ImageManifests] = SingleFlight(nursery)
         self._layers: SingleFlight[LayerBlob] = SingleFlight(nursery)
         self._lock_dir = config.storage_path / "locks"
@@ -497,24 +508,42 @@ class Builder:
             self._recorded_tags.clear()
         self._recorded_tags[key] = digests
         index = manifests.single is not None
+        self._pending_tags[key] = (image.name, image.tag, digests, index, platforms)
+        if not self._writing_tags:
+            self._writing_tags = True
+            self._nursery.start_soon(self._write_tags)
 
-        async def record() -> None:
+    async def _write_tags(self) -> None:
+        """Write the pending tag records after :data:`TAG_RECORD_DELAY`: once the
+        response that asked for them is out, and in one worker-thread hop for
+        every tag served meanwhile.  A shutdown writes them at once."""
+        try:
+            await trio.sleep(TAG_RECORD_DELAY)
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    while self._pending_tags:
+                        pending, self._pending_tags = self._pending_tags, {}
+                        failed = await trio.to_thread.run_sync(self._put_tags, pending)
+                        for key in failed:  # a full disk: the next pull tries again
+                            self._recorded_tags.pop(key, None)
+                finally:
+                    self._writing_tags = False
+
+    def _put_tags(self, pending: dict[str, _PendingTag]) -> list[str]:
+        """Write tag records (blocking); the keys of those that failed."""
+        failed = []
+        for key, (name, tag, digests, index, platforms) in pending.items():
             try:
-                await trio.to_thread.run_sync(
-                    self.tag_cache.put, image.name, image.tag, digests, index, platforms
-                )
-            except RegistryError as exc:  # a full disk: the next pull tries again
-                self._recorded_tags.pop(key, None)
-                logs.warning("tag.unrecorded", image=image.name, tag=image.tag, error=str(exc))
-            finally:
-                self._recording -= 1
-
-        self._recording += 1
-        self._nursery.start_soon(record)
+                self.tag_cache.put(name, tag, digests, index, platforms)
+            except RegistryError as exc:
+                failed.append(key)
+                logs.warning("tag.unrecorded", image=name, tag=tag, error=str(exc))
+        return failed
 
     async def tags_recorded(self) -> None:
-        """Wait until every tag record started so far is written (``prefetch`` ends so)."""
-        while self._recording:
+        """Wait until every tag record asked for so far is written (``prefetch`` ends so)."""
+        while self._writing_tags or self._pending_tags:
             await trio.sleep(0.01)
 
     async def _held(self, name: str, tag: str) -> ImageManifests:
@@ -958,32 +987,67 @@ class Builder:
             for name, program in result.main_programs.items()
             if os.path.lexists(os.path.join(result.forest, "bin", program))
         }
-        cmd = command(image.requested, programs, image.has_bash)
+        settings = ImageSettings(command(image.requested, programs, image.has_bash), history)
         try:
+            # The config and manifests need only the layers' digests: they are
+            # stored as soon as every digest is known, while the last layers
+            # are still being made durable, and recorded once all are.
+            known = list(blobs)
+            all_known = trio.Event()
+            written = layered  # when the last layer was stored
+            stored: list[tuple[list[LayerBlob | None], ImageManifests]] = []
+
+            def learned(index: int, blob: LayerBlob) -> None:
+                known[index] = blob
+                if all(blob is not None for blob in known):
+                    all_known.set()
+
+            token = trio.lowlevel.current_trio_token()
 
             async def write(index: int, key: str, entries: Entries) -> None:
+                def ready(blob: LayerBlob) -> None:
+                    token.run_sync_soon(learned, index, blob)
+
                 blob = await self._layers.do(
-                    key, lambda _: self._write_layer(image, key, entries)
+                    key, lambda _: self._write_layer(image, key, entries, ready)
                 )
+                nonlocal written
+                written = max(written, time.monotonic())
                 blobs[index] = blob
+                learned(index, blob)
                 self._report(progress, layers_written=progress.layers_written + 1,
                              bytes=progress.bytes + blob.size)  # fmt: skip
 
+            async def store_documents() -> None:
+                await all_known.wait()
+                used = list(known)
+                layer_blobs = [blob for blob in used if blob is not None]
+                documents = await trio.to_thread.run_sync(
+                    self._store_image_documents, image, layer_blobs, settings
+                )
+                stored.append((used, documents))
+
             cached = sum(blob is not None for blob in blobs)
             self._report(progress, phase="layers", layers_total=len(jobs), layers_cached=cached)
+            if cached == len(blobs):
+                all_known.set()
 
             try:
                 async with trio.open_nursery() as nursery:
                     for index, (key, entries) in enumerate(jobs):
                         if blobs[index] is None:
                             nursery.start_soon(write, index, key, entries)
+                    nursery.start_soon(store_documents)
             except BaseExceptionGroup as group:
                 raise first_registry_error(group) from group
-            written = time.monotonic()
-            layer_blobs = [blob for blob in blobs if blob is not None]
-            manifests = await trio.to_thread.run_sync(
-                self._record, image, layer_blobs, image_key, ImageSettings(cmd, history)
-            )
+            [(used, manifests)] = stored
+            if used != blobs:  # each is the blob announced when its digest was known
+                raise RuntimeError(f"the layers of {image.name} changed while it was stored")
+            if image_key is not None:
+                digests = {fmt: manifest.digest for fmt, manifest in manifests.by_format.items()}
+                await trio.to_thread.run_sync(
+                    self.manifest_cache.put, image_key, digests, image.name
+                )
         finally:
             os.close(lock)
         done = time.monotonic()
@@ -993,11 +1057,11 @@ class Builder:
             image=image.name,
             tag=image.tag,
             digests={fmt.name.lower(): m.digest for fmt, m in manifests.by_format.items()},
-            layers=len(layer_blobs),
-            nix_seconds=round(nix_done - started, 3),
-            layering_seconds=round(layered - nix_done, 3),
-            layer_seconds=round(written - layered, 3),
-            rest_seconds=round(done - written, 3),
+            layers=len(blobs),
+            nix_seconds=round(nix_done - started, 4),
+            layering_seconds=round(layered - nix_done, 4),
+            layer_seconds=round(written - layered, 4),
+            rest_seconds=round(done - written, 4),
         )
         return manifests
 
@@ -1025,14 +1089,10 @@ class Builder:
         metrics.METRICS.layer_misses.inc(len(found) - hits)
         return layers, layered, lock, found
 
-    def _record(
-        self,
-        image: Image,
-        layers: list[LayerBlob],
-        image_key: str | None,
-        settings: ImageSettings,
+    def _store_image_documents(
+        self, image: Image, layers: list[LayerBlob], settings: ImageSettings
     ) -> ImageManifests:
-        """Store the config and a manifest per format, and record them for the image."""
+        """Store the config and a manifest per format (blocking)."""
         config = build_config(
             arch=image.arch,
             layers=layers,
@@ -1048,28 +1108,32 @@ class Builder:
             if fmt.holds(image.compression)
         }  # fmt: skip
         _, *stored = self.store.put_many([config, *documents.values()])
-        digests = dict(zip(documents, stored, strict=True))
-        if image_key is not None:
-            self.manifest_cache.put(image_key, digests, image.name)
         manifests = {
-            fmt: Manifest(data, digests[fmt], fmt.manifest_type) for fmt, data in documents.items()
+            fmt: Manifest(data, digest, fmt.manifest_type)
+            for (fmt, data), digest in zip(documents.items(), stored, strict=True)
         }
         return ImageManifests(manifests)
 
-    async def _write_layer(self, image: Image, key: str, entries: Entries) -> LayerBlob:
+    async def _write_layer(
+        self, image: Image, key: str, entries: Entries, ready: LayerReady | None = None
+    ) -> LayerBlob:
+        """The layer's blob, written unless cached; ``ready`` (called from the
+        writing thread) is told a new blob as soon as its digest is known."""
         async with self._layer_locks.hold(key):
             # The layer may have been cached since the caller's lookup: by a
             # flight for the same key that just ended, or by another process.
             cached = await _recorded(self.layer_cache.index, self.layer_cache.get, key)
             if cached is not None:
                 return cached
-            return await self._write_new_layer(image, key, entries)
+            return await self._write_new_layer(image, key, entries, ready)
 
-    async def _write_new_layer(self, image: Image, key: str, entries: Entries) -> LayerBlob:
+    async def _write_new_layer(
+        self, image: Image, key: str, entries: Entries, ready: LayerReady | None = None
+    ) -> LayerBlob:
         started = time.monotonic()
         blob = await trio.to_thread.run_sync(
             partial(archive.write_layer, self.store, entries(), deflate=self.config.deflate,
-                    compression=image.compression),
+                    compression=image.compression, ready=ready),
             limiter=self._threads,
         )
         await trio.to_thread.run_sync(self.layer_cache.put, key, blob)

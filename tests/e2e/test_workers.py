@@ -9,9 +9,12 @@ tested deterministically with two whole servers on one store (the same
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -198,6 +201,25 @@ def test_sigterm_drains_the_responses_in_flight(tmp_path: Path, workers: str) ->
             downloading.close()
             idle.close()
         assert server.process.wait(30) == 0
+
+
+def test_a_tag_served_just_before_sigterm_is_still_recorded(tmp_path: Path) -> None:
+    """Tag records are written a moment after the response (``TAG_RECORD_DELAY``);
+    a drain that ends within that moment writes them before the worker exits."""
+    with start_server(tmp_path, extra=("--workers", "1")) as server:
+        accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+        pulled = httpx.get(f"{server.url}/v2/hello/manifests/latest", headers=accept, timeout=120)
+        assert pulled.status_code == 200
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(30) == 0
+    listed = subprocess.run(
+        [sys.executable, "-m", "nixery_trio", "ls", "--storage-path", str(server.storage),
+         "--json"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    held = [json.loads(line) for line in listed.splitlines()]
+    assert [(i["name"], i["tag"]) for i in held] == [("hello", "latest")]
+    assert held[0]["digest"] == pulled.headers["docker-content-digest"]
 
 
 def test_a_response_that_outlasts_the_drain_timeout_is_cut_off(tmp_path: Path) -> None:
