@@ -205,6 +205,19 @@ def test_layer_is_valid_deterministic_and_hashed_once(cas: CAS, store_paths: lis
     assert again == blob
 
 
+def test_a_layer_is_announced_once_its_digest_is_known_and_before_it_is_stored(
+    cas: CAS, store_paths: list[str]
+) -> None:
+    announced: list[tuple[LayerBlob, bool]] = []
+
+    def ready(blob: LayerBlob) -> None:
+        announced.append((blob, cas.size(blob.digest) is not None))
+
+    blob = archive.write_layer(cas, archive.store_path_entries(store_paths), 1, ready=ready)
+    assert announced == [(blob, False)]
+    assert cas.size(blob.digest) == blob.size
+
+
 def test_forest_layer_maps_to_root_with_tmp(cas: CAS, tmp_path: Path) -> None:
     forest = tmp_path / "forest"
     (forest / "bin").mkdir(parents=True)
