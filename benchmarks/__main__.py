@@ -1,4 +1,8 @@
-"""``python -m benchmarks [--quick] [--out DIR] [--only NAME...]``."""
+"""``python -m benchmarks [--quick] [--out DIR] [--only NAME...]``.
+
+Stores, layers and logs go to a scratch directory under ``$NIXERY_BENCH_DIR``
+(default ``/var/tmp``), removed at the end.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from nixery_trio.build import archive
 from nixery_trio.http import blobs
 
 from . import builds, clients, connections, pipeline, report, serving, soak, storage
-from .common import REPO, Context, Section, machine, missing_tools, tool_version
+from .common import REPO, Context, Section, file_system, machine, missing_tools, tool_version
 
 #: Each benchmark module has ``run(ctx) -> list[Section]`` and ``TOOLS``, the
 #: programs it runs.
@@ -104,7 +108,11 @@ def main() -> None:
     }
     sections: list[Section] = []
     load_at_start = os.getloadavg()[0]
-    workdir = Path(tempfile.mkdtemp(prefix="nixery-bench-"))
+    # Not /tmp, which is RAM on many systems (tmpfs): the benchmarks write and
+    # fsync gigabytes, and a store lives on disk.
+    scratch = os.environ.get("NIXERY_BENCH_DIR", "/var/tmp")
+    facts["scratch directory"] = f"{scratch} ({file_system(scratch)})"
+    workdir = Path(tempfile.mkdtemp(prefix="nixery-bench-", dir=scratch))
     workdir.chmod(0o755)  # nginx's workers do not run as root
     try:
         ctx = Context(workdir=workdir, quick=args.quick)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 import platform
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -54,6 +56,31 @@ class Check:
         return f"{self.op} {self.bound:g}"
 
 
+#: Student's t at 95% one-sided (90% two-sided), by degrees of freedom.
+_T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860,
+        9: 1.833, 10: 1.812, 11: 1.796, 12: 1.782, 13: 1.771, 14: 1.761, 15: 1.753}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RatioInterval:
+    """Paired runs' ratios summed up: their geometric mean, and the one-sided
+    95% bounds on the true ratio (Student's t on the logarithms)."""
+
+    ratios: tuple[float, ...]
+    mean: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, ratios: Sequence[float]) -> RatioInterval:
+        logs = [math.log(ratio) for ratio in ratios]
+        mean = statistics.fmean(logs)
+        if len(logs) < 2:
+            return cls(tuple(ratios), math.exp(mean), 0.0, math.inf)
+        half = _T95[min(len(logs) - 1, max(_T95))] * statistics.stdev(logs) / len(logs) ** 0.5
+        return cls(tuple(ratios), math.exp(mean), math.exp(mean - half), math.exp(mean + half))
+
+
 @dataclass
 class Section:
     """A benchmark's findings: a table (first row is the header) and prose."""
@@ -75,6 +102,19 @@ class Context:
     def seconds(self, full: float) -> float:
         """Duration of a timed load run: ``full`` seconds, or one in quick mode."""
         return 1.0 if self.quick else full
+
+
+def file_system(path: str) -> str:
+    """The type of the file system ``path`` is on (``/proc/mounts``' longest match)."""
+    real = os.path.realpath(path)
+    best, kind = "", "unknown"
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        mount = fields[1]
+        inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, fields[2]
+    return kind
 
 
 def machine() -> dict[str, str]:
