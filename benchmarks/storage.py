@@ -29,14 +29,8 @@ import urllib.request
 from pathlib import Path
 
 from nixery_trio.store.s3 import PARTS_IN_FLIGHT
-from tests.e2e.seaweed import (
-    ACCESS_KEY,
-    REGION,
-    SECRET_KEY,
-    Seaweed,
-    start_seaweed,
-    weed_binary,
-)
+from tests.e2e import s3test
+from tests.e2e.seaweed import Seaweed, s3_settings, start_seaweed, weed_binary
 
 from .builds import cold_build
 from .common import (
@@ -64,13 +58,6 @@ EXTRA_MIB = 100
 OCI = "application/vnd.oci.image.manifest.v1+json"
 
 
-def _s3(seaweed: Seaweed, bucket: str) -> tuple[list[str], dict[str, str]]:
-    flags = ["--storage-backend", "s3", "--s3-bucket", bucket, "--s3-endpoint", seaweed.endpoint]
-    env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-           "AWS_REGION": REGION}  # fmt: skip
-    return flags, env
-
-
 def run(ctx: Context) -> list[Section]:
     seaweed = start_seaweed(ctx.workdir / "seaweed")
     try:
@@ -95,7 +82,7 @@ def _run(ctx: Context, seaweed: Seaweed) -> list[Section]:
             extra, env = ["--workers", "1"], dict[str, str]()
             if backend == "s3":
                 bucket = seaweed.create_bucket()
-                flags, env = _s3(seaweed, bucket)
+                flags, env = s3_settings(seaweed, bucket)
                 extra += flags
             peak: dict[str, int] = {}
             split = cold_build(ctx, pkgs, image, f"storage-{backend}-{n}", extra, env, peak)
@@ -185,12 +172,9 @@ def _largest_layer(url: str, image: str) -> tuple[str, int]:
 def _managed_upload(seaweed: Seaweed, fs_store: Path, digest: str) -> float:
     """Seconds boto3's managed transfer takes to upload the blob ``digest``
     from the filesystem store into a fresh bucket, then copy it to another key."""
-    import boto3
-
     from nixery_trio.store.cas import CAS
 
-    client = boto3.client("s3", endpoint_url=seaweed.endpoint, aws_access_key_id=ACCESS_KEY,
-                          aws_secret_access_key=SECRET_KEY, region_name=REGION)  # fmt: skip
+    client = s3test.client(seaweed.endpoint)  # path-style and SigV4, as the registry's
     bucket = seaweed.create_bucket()
     path = CAS(fs_store).path(digest)
     path.read_bytes()  # in the page cache, as the registry's input was
@@ -211,7 +195,7 @@ def _blob_gets(
         port = free_port()
         extra, env = ["--workers", "1"], dict[str, str]()
         if backend == "s3":
-            flags, env = _s3(seaweed, bucket)
+            flags, env = s3_settings(seaweed, bucket)
             extra += flags
         argv = our_server_argv(port, fs_store if backend == "filesystem" else
                                ctx.workdir / "s3-gets", pkgs, *extra)  # fmt: skip

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import secrets
 import shutil
 import socket
 import subprocess
@@ -24,21 +23,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import httpx
 import pytest
 
+from .s3test import ACCESS_KEY, SECRET_KEY, answers, new_bucket, port_free
 from .server import stop_process, wait_for
 
-if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
-
-ACCESS_KEY = "nixery-test"
-SECRET_KEY = "nixery-test-secret"
-#: Any region signs for the default zonegroup; us-east-1 also keeps boto3 from
-#: sending a LocationConstraint, which the gateway would check against "default".
-REGION = "us-east-1"
 BINARIES = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "ceph", "monmaptool")
 
 CONFIG = """\
@@ -99,21 +89,12 @@ def binaries_missing() -> list[str]:
     return [name for name in BINARIES if shutil.which(name) is None]
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def free_port(taken: tuple[int, ...] = ()) -> int:
     """A port free now on 127.0.0.1, clear of SeaweedFS's 20000-39004 (free now,
     that is: if another process takes it first, the daemon fails and says so)."""
     for _ in range(200):
         port = random.randint(40000, 49999)
-        if port not in taken and _free(port):
+        if port not in taken and port_free(port):
             return port
     raise RuntimeError("no free port for Ceph")
 
@@ -136,37 +117,14 @@ class Ceph:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def client(self) -> S3Client:
-        import boto3
-        from botocore.config import Config
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=ACCESS_KEY,
-            aws_secret_access_key=SECRET_KEY,
-            region_name=REGION,
-            config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"),
-        )
-
     def create_bucket(self) -> str:
         """A new, empty bucket; its name."""
-        name = "test-" + secrets.token_hex(6)
-        self.client().create_bucket(Bucket=name)
-        return name
+        return new_bucket(self.endpoint)
 
     def stop(self) -> None:
         for process in self.processes:
             stop_process(process, grace=10)
         shutil.rmtree(self.rundir, ignore_errors=True)
-
-
-def _answers(endpoint: str) -> bool:
-    """Whether the gateway answers (an unsigned GET / lists no buckets, with 200)."""
-    try:
-        return httpx.get(endpoint, timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _listening(port: int) -> bool:
@@ -268,7 +226,7 @@ def start_ceph(workdir: Path, memstore_bytes: int = 2 << 30) -> Ceph:
         def up() -> bool:
             for process, name in ((mon, "mon"), (osd, "osd"), (rgw, "rgw")):
                 check(process, name)
-            return _answers(ceph.endpoint)
+            return answers(ceph.endpoint, 200)  # an unsigned GET / lists no buckets
 
         wait_for(up, 120, f"the RADOS Gateway at {ceph.endpoint} (logs: {workdir})")
         _run(["radosgw-admin", *conf, "user", "create", "--uid", "nixery",

@@ -14,23 +14,18 @@ from __future__ import annotations
 import json
 import os
 import random
-import secrets
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
+from .s3test import ACCESS_KEY, REGION, SECRET_KEY, answers, new_bucket, port_free
 from .server import Server, start_server, stop_process, wait_for
 
-ACCESS_KEY = "nixery-test"
-SECRET_KEY = "nixery-test-secret"
-REGION = "us-east-1"
 #: Ports past the first: master, volume, filer and admin.
 PORTS = 5
 #: What SeaweedFS adds to each HTTP port for its gRPC port.
@@ -46,15 +41,6 @@ def weed_binary() -> Path | None:
     return Path(found) if found else None
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def free_base_port() -> int:
     """A port P with P..P+4 and their gRPC twins (P+10000..) free on 127.0.0.1.
 
@@ -64,7 +50,7 @@ def free_base_port() -> int:
     for _ in range(200):
         base = random.randint(20000, 29000)
         ports = [base + i for i in range(PORTS)]
-        if all(_free(port) and _free(port + GRPC_OFFSET) for port in ports):
+        if all(port_free(port) and port_free(port + GRPC_OFFSET) for port in ports):
             return base
     raise RuntimeError("no free range of ports for SeaweedFS")
 
@@ -81,18 +67,7 @@ class Seaweed:
 
     def create_bucket(self) -> str:
         """A new, empty bucket; its name."""
-        import boto3
-
-        name = "test-" + secrets.token_hex(6)
-        client = boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=ACCESS_KEY,
-            aws_secret_access_key=SECRET_KEY,
-            region_name=REGION,
-        )
-        client.create_bucket(Bucket=name)
-        return name
+        return new_bucket(self.endpoint)
 
     def stop(self) -> None:
         stop_process(self.process, grace=10)
@@ -100,14 +75,6 @@ class Seaweed:
         for port in range(self.port, self.port + PORTS):
             for socket_path in Path("/tmp").glob(f"seaweedfs-*-grpc-{port + GRPC_OFFSET}.sock"):
                 socket_path.unlink(missing_ok=True)
-
-
-def _answers(endpoint: str) -> bool:
-    """Whether the S3 gateway answers (an unsigned request gets 403, as it should)."""
-    try:
-        return httpx.get(endpoint, timeout=1).status_code == 403
-    except httpx.TransportError:
-        return False
 
 
 def start_seaweed(workdir: Path) -> Seaweed:
@@ -160,7 +127,8 @@ def start_seaweed(workdir: Path) -> Seaweed:
     seaweed = Seaweed(process, base, log_path)
     try:
         wait_for(
-            lambda: process.poll() is not None or _answers(seaweed.endpoint),
+            # An unsigned request is refused with 403, as it should be.
+            lambda: process.poll() is not None or answers(seaweed.endpoint, 403),
             timeout=60,
             what=f"SeaweedFS S3 at {seaweed.endpoint} (log: {log_path})",
         )

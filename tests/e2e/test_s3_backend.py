@@ -30,7 +30,8 @@ from .clients import (
     skopeo_copy,
     umoci_unpack,
 )
-from .seaweed import ACCESS_KEY, REGION, SECRET_KEY, Seaweed, s3_settings, start_on_bucket
+from .s3test import ACCESS_KEY, REGION, SECRET_KEY
+from .seaweed import Seaweed, s3_settings, start_on_bucket
 from .server import Server, start_server, wait_for
 
 OCI = "application/vnd.oci.image.manifest.v1+json"

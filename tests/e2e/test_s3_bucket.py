@@ -35,7 +35,8 @@ from nixery_trio.core.errors import RangeNotSatisfiable, StorageError
 from nixery_trio.store.s3 import PART_SIZE, PARTS_IN_FLIGHT, S3Bucket
 
 from .ceph import Ceph
-from .seaweed import ACCESS_KEY, REGION, SECRET_KEY, Seaweed
+from .s3test import ACCESS_KEY, REGION, SECRET_KEY
+from .seaweed import Seaweed
 from .server import wait_for
 
 MiB = 1 << 20

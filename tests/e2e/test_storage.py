@@ -29,7 +29,8 @@ from nixery_trio.store.cas import CAS
 from nixery_trio.store.storage import RECORD_KINDS, Storage
 
 from .ceph import Ceph
-from .seaweed import ACCESS_KEY, REGION, SECRET_KEY, Seaweed
+from .s3test import ACCESS_KEY, REGION, SECRET_KEY
+from .seaweed import Seaweed
 
 MiB = 1 << 20
 
