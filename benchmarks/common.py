@@ -166,26 +166,25 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total / ticks
 
 
-def rss_bytes(pids: Sequence[int]) -> int:
-    """The summed resident memory of ``pids`` (a server's parent and workers)."""
+def _status_bytes(pids: Sequence[int], field: str) -> int:
+    """A ``/proc/PID/status`` size (``VmRSS``, ``VmHWM``) summed over ``pids``."""
     total = 0
     for pid in pids:
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     total += int(line.split()[1]) << 10
     return total
+
+
+def rss_bytes(pids: Sequence[int]) -> int:
+    """The summed resident memory of ``pids`` (a server's parent and workers)."""
+    return _status_bytes(pids, "VmRSS")
 
 
 def peak_rss(pids: Sequence[int]) -> int:
     """The summed peak resident memory (``VmHWM``) of ``pids`` so far."""
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1]) << 10
-    return total
+    return _status_bytes(pids, "VmHWM")
 
 
 def written_bytes(pids: Sequence[int]) -> int:
