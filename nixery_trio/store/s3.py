@@ -161,9 +161,9 @@ class S3Bucket:
         ``None`` if it existed.
 
         This takes a build lease: of several writers racing, exactly one gets
-        an ETag (which renews it).  A request retried after a lost reply may find the object
-        its first attempt made and say ``False``: the lease is then held by
-        nobody who knows it, and expires, which is safe.
+        an ETag (which renews it).  A request retried after a lost reply may
+        find the object its first attempt made and say ``None``: the lease is
+        then held by nobody who knows it, and expires, which is safe.
         """
         return self._conditionally(
             key,
@@ -280,15 +280,9 @@ class S3Bucket:
         return None if reply is None else reply["LastModified"].timestamp()
 
     def list(self, prefix: str) -> Iterator[str]:
-        """Every key under ``prefix``, in S3's (lexical) order, page by page:
-        for garbage collection and the operator commands."""
-        pages = self._client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=prefix
-        )
-        with _storage_errors(f"list of {prefix!r}"):
-            for page in pages:
-                for entry in page.get("Contents", []):
-                    yield entry["Key"]
+        """Every key under ``prefix``, in S3's (lexical) order, page by page."""
+        for key, _, _ in self.list_entries(prefix):
+            yield key
 
     def list_entries(self, prefix: str) -> Iterator[tuple[str, int, float]]:
         """Every key under ``prefix`` with its size and last-modified time (Unix

@@ -128,7 +128,8 @@ class S3Store:
         self.local = local
         self.lock = StoreLock(local / "lock")
         self._sizes: dict[str, tuple[int, float]] = {}
-        self._sizes_lock = threading.Lock()
+        #: Guards ``_sizes`` and ``_marked`` (worker threads share the store).
+        self._lock = threading.Lock()
         #: When this process last marked each blob used.
         self._marked: dict[str, float] = {}
 
@@ -144,14 +145,14 @@ class S3Store:
 
     def remember(self, digest: str, size: int) -> None:
         """Note that ``digest`` is stored with ``size`` bytes."""
-        with self._sizes_lock:
+        with self._lock:
             if len(self._sizes) >= SIZE_ENTRIES:
                 self._sizes.clear()
             self._sizes[digest] = (size, time.monotonic())
 
     def known_size(self, digest: str) -> int | None:
         """The size remembered for ``digest``, if recent enough (no request)."""
-        with self._sizes_lock:
+        with self._lock:
             known = self._sizes.get(digest)
         if known is not None and time.monotonic() - known[1] < SIZE_SECONDS:
             return known[0]
@@ -163,7 +164,7 @@ class S3Store:
             return known
         found = self.bucket.stat(blob_key(digest))
         if found is None:
-            with self._sizes_lock:
+            with self._lock:
                 self._sizes.pop(digest, None)
             return None
         self.remember(digest, found[0])
@@ -249,7 +250,7 @@ class S3Store:
 
     def _remove(self, name: str) -> None:
         """Remove the blob stored under ``name`` and its mark of use."""
-        with self._sizes_lock:
+        with self._lock:
             self._sizes.pop("sha256:" + name, None)
         self.bucket.delete(BLOB_PREFIX + name)
         self.bucket.delete(USED_PREFIX + name)
@@ -259,7 +260,7 @@ class S3Store:
         time cannot be refreshed without rewriting it), at most once every
         :data:`USED_INTERVAL` seconds per process."""
         now = time.monotonic()
-        with self._sizes_lock:
+        with self._lock:
             last = self._marked.get(digest)
             if last is not None and now - last < USED_INTERVAL:
                 return
