@@ -995,7 +995,7 @@ class Builder:
             known = list(blobs)
             all_known = trio.Event()
             written = layered  # when the last layer was stored
-            stored: list[tuple[list[LayerBlob | None], ImageManifests]] = []
+            stored: list[ImageManifests] = []
 
             def learned(index: int, blob: LayerBlob) -> None:
                 known[index] = blob
@@ -1012,7 +1012,7 @@ class Builder:
                     key, lambda _: self._write_layer(image, key, entries, ready)
                 )
                 nonlocal written
-                written = max(written, time.monotonic())
+                written = time.monotonic()
                 blobs[index] = blob
                 learned(index, blob)
                 self._report(progress, layers_written=progress.layers_written + 1,
@@ -1020,12 +1020,10 @@ class Builder:
 
             async def store_documents() -> None:
                 await all_known.wait()
-                used = list(known)
-                layer_blobs = [blob for blob in used if blob is not None]
-                documents = await trio.to_thread.run_sync(
+                layer_blobs = [blob for blob in known if blob is not None]
+                stored.append(await trio.to_thread.run_sync(
                     self._store_image_documents, image, layer_blobs, settings
-                )
-                stored.append((used, documents))
+                ))  # fmt: skip
 
             cached = sum(blob is not None for blob in blobs)
             self._report(progress, phase="layers", layers_total=len(jobs), layers_cached=cached)
@@ -1040,9 +1038,7 @@ class Builder:
                     nursery.start_soon(store_documents)
             except BaseExceptionGroup as group:
                 raise first_registry_error(group) from group
-            [(used, manifests)] = stored
-            if used != blobs:  # each is the blob announced when its digest was known
-                raise RuntimeError(f"the layers of {image.name} changed while it was stored")
+            [manifests] = stored
             if image_key is not None:
                 digests = {fmt: manifest.digest for fmt, manifest in manifests.by_format.items()}
                 await trio.to_thread.run_sync(

@@ -121,8 +121,7 @@ def _zstd_diff_id(chunks: Iterable[bytes]) -> str | None:
     frame = None
     frames = 0
     try:
-        for whole in chunks:
-            chunk = whole
+        for chunk in chunks:
             while chunk:
                 if frame is None:
                     frame, frames = decompressor.decompressobj(), frames + 1
